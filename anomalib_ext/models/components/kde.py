@@ -1,0 +1,367 @@
+"""Density models of normal feature vectors, fitted once and evaluated in plain torch.
+
+anomalib's ``GaussianKDE`` loops over the batch in Python, returns a density that underflows to zero far
+from the data (so every far anomaly gets the same score) and only knows Scott's rule. Here:
+
+- ``FeatureScaler`` and ``PrincipalComponents`` keep what they learn as buffers, so they travel with the
+  checkpoint and the exported graph;
+- ``GaussianKde`` evaluates the log density with ``logsumexp`` (no underflow), with the bandwidth chosen by
+  Scott's rule, Silverman's rule or maximum leave-one-out likelihood, and agrees with
+  ``scipy.stats.gaussian_kde`` for the same bandwidth factor;
+- ``GaussianDensity`` is the single-Gaussian alternative (Mahalanobis distance plus normaliser);
+- ``FeatureDensity`` chains them, fits on a capped random sample (fit cost stays bounded) and turns the
+  log density into an anomaly score (negative log density), optionally calibrated to [0, 1].
+
+Fitting may use any Python; ``forward`` uses only tensor operations with shapes fixed at fit time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from anomalib.models.components.base import DynamicBufferMixin
+
+ScalingMethod = Literal["none", "scale", "standardize", "norm"]
+BandwidthRule = Literal["scott", "silverman", "loo"]
+DensityKind = Literal["kde", "gaussian"]
+
+SCALING_METHODS: tuple[str, ...] = ("none", "scale", "standardize", "norm")
+BANDWIDTH_RULES: tuple[str, ...] = ("scott", "silverman", "loo")
+DENSITY_KINDS: tuple[str, ...] = ("kde", "gaussian")
+
+_EPS = 1e-6  # floor for norms and standard deviations: constant inputs must not divide by zero
+MAX_SCORE = 1e30  # finite cap on the negative log density
+_RIDGE = 1e-9  # ridge on covariances (relative, plus the same absolute): constant features stay invertible
+
+
+def _check_points(points: torch.Tensor, name: str, min_points: int = 1) -> None:
+    if points.ndim != 2:
+        msg = f"{name}: expected a 2-D tensor (points, dimensions), got shape {tuple(points.shape)}"
+        raise ValueError(msg)
+    if points.shape[0] < min_points:
+        msg = f"{name}: needs at least {min_points} points to fit, got {points.shape[0]}"
+        raise ValueError(msg)
+    if not torch.isfinite(points).all():
+        msg = f"{name}: the points contain NaN or infinite values"
+        raise ValueError(msg)
+
+
+def covariance(points: torch.Tensor) -> torch.Tensor:
+    """Unbiased covariance of (n, d) points (as numpy/scipy compute it), 0 for a single point."""
+    centred = points - points.mean(dim=0, keepdim=True)
+    return centred.T @ centred / max(points.shape[0] - 1, 1)
+
+
+def _regularised_cholesky(cov: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of ``cov`` plus a small ridge, so zero-variance directions stay finite."""
+    dim = cov.shape[0]
+    scale = torch.diagonal(cov).mean().clamp_min(0.0)
+    ridge = _RIDGE * (scale + 1.0)
+    identity = torch.eye(dim, dtype=cov.dtype, device=cov.device)
+    for attempt in range(6):  # grow the ridge if rounding made the matrix indefinite
+        factor, info = torch.linalg.cholesky_ex(cov + ridge * (10**attempt) * identity)
+        if int(info) == 0:
+            return factor
+    msg = "covariance is not positive definite even with a ridge; the features are degenerate"
+    raise ValueError(msg)
+
+
+def scott_factor(num_points: int, dim: int) -> float:
+    """Scott's rule bandwidth factor, as in scipy: n ** (-1 / (d + 4))."""
+    return float(num_points ** (-1.0 / (dim + 4)))
+
+
+def silverman_factor(num_points: int, dim: int) -> float:
+    """Silverman's rule bandwidth factor, as in scipy: (n (d + 2) / 4) ** (-1 / (d + 4))."""
+    return float((num_points * (dim + 2) / 4.0) ** (-1.0 / (dim + 4)))
+
+
+def leave_one_out_log_likelihood(whitened: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Mean leave-one-out log likelihood of whitened points for each bandwidth factor.
+
+    ``whitened`` has identity covariance, so the kernel covariance is ``factor**2 * I`` there; the constant
+    ``-log|C|`` of the whitening is the same for every factor and left out.
+    """
+    num_points, dim = whitened.shape
+    if num_points < 2:
+        msg = "leave-one-out bandwidth needs at least 2 points"
+        raise ValueError(msg)
+    squared = torch.cdist(whitened, whitened).pow(2)
+    squared.fill_diagonal_(float("inf"))
+    scores = []
+    for factor in factors.tolist():
+        log_kernel = torch.logsumexp(-0.5 * squared / factor**2, dim=1)
+        log_density = log_kernel - math.log(num_points - 1) - dim * math.log(factor) - 0.5 * dim * math.log(2 * math.pi)
+        scores.append(log_density.mean())
+    return torch.stack(scores)
+
+
+def select_loo_factor(whitened: torch.Tensor, num_candidates: int = 48) -> float:
+    """Bandwidth factor maximising the leave-one-out likelihood: log grid, then a finer grid around the best."""
+    num_points, dim = whitened.shape
+    scott = scott_factor(num_points, dim)
+    coarse = scott * torch.logspace(-2.0, 1.0, num_candidates, dtype=torch.float64)
+    best = coarse[int(torch.argmax(leave_one_out_log_likelihood(whitened, coarse)))]
+    step = 10 ** (3.0 / (num_candidates - 1))
+    fine = best * torch.logspace(-math.log10(step), math.log10(step), 17, dtype=torch.float64)
+    return float(fine[int(torch.argmax(leave_one_out_log_likelihood(whitened, fine)))])
+
+
+class FeatureScaler(DynamicBufferMixin):
+    """Per-feature scaling learnt from normal features.
+
+    ``none`` leaves features alone; ``scale`` divides by the largest L2 norm seen (anomalib's Dfkde);
+    ``standardize`` subtracts the mean and divides by the standard deviation (floored, so constant features give
+    0, not NaN); ``norm`` projects every vector to unit length.
+    """
+
+    def __init__(self, method: ScalingMethod = "standardize") -> None:
+        super().__init__()
+        if method not in SCALING_METHODS:
+            msg = f"feature_scaling={method!r} is not one of {SCALING_METHODS}"
+            raise ValueError(msg)
+        self.method = method
+        self.register_buffer("offset", torch.zeros(1))
+        self.register_buffer("divisor", torch.ones(1))
+        self.offset: torch.Tensor
+        self.divisor: torch.Tensor
+
+    def fit(self, features: torch.Tensor) -> None:
+        _check_points(features, "FeatureScaler.fit")
+        dim = features.shape[1]
+        offset = torch.zeros(dim, dtype=features.dtype, device=features.device)
+        divisor = torch.ones(dim, dtype=features.dtype, device=features.device)
+        if self.method == "scale":
+            divisor = divisor * features.norm(dim=1).max().clamp_min(_EPS)
+        elif self.method == "standardize":
+            offset = features.mean(dim=0)
+            divisor = features.std(dim=0, unbiased=False).clamp_min(_EPS)
+        self.offset = offset
+        self.divisor = divisor
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.method == "norm":
+            return features / features.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        return (features - self.offset) / self.divisor
+
+
+class PrincipalComponents(DynamicBufferMixin):
+    """PCA projection onto the leading ``n_components`` directions (clamped to what the data supports).
+
+    ``n_components <= 0`` keeps every dimension (the projection is then only a centring). The last
+    ``passthrough`` features skip the projection and are appended centred: a few strong, hand-made features
+    (LAKE's reconstruction errors) must not be drowned by the variance of a long latent code.
+    """
+
+    def __init__(self, n_components: int = 16, passthrough: int = 0) -> None:
+        super().__init__()
+        if passthrough < 0:
+            msg = f"passthrough={passthrough} must be >= 0"
+            raise ValueError(msg)
+        self.n_components = n_components
+        self.passthrough = passthrough
+        self.register_buffer("mean", torch.zeros(1))
+        self.register_buffer("components", torch.ones(1, 1))
+        self.mean: torch.Tensor
+        self.components: torch.Tensor
+
+    def fit(self, features: torch.Tensor) -> None:
+        _check_points(features, "PrincipalComponents.fit")
+        num_points, dim = features.shape
+        if self.passthrough >= dim:
+            msg = f"passthrough={self.passthrough} leaves no feature to project (features have {dim})"
+            raise ValueError(msg)
+        projected_dim = dim - self.passthrough
+        mean = features.mean(dim=0)
+        if self.n_components <= 0:
+            components = torch.eye(projected_dim, dtype=features.dtype, device=features.device)
+        else:
+            keep = min(self.n_components, projected_dim, max(num_points - 1, 1))
+            centred = (features[:, :projected_dim] - mean[:projected_dim]).double()
+            _, _, v_h = torch.linalg.svd(centred, full_matrices=False)
+            components = v_h[:keep].T.to(features.dtype)
+        # one block-diagonal matrix: projection for the first block, identity for the passthrough block
+        full = torch.zeros(dim, components.shape[1] + self.passthrough, dtype=features.dtype, device=features.device)
+        full[:projected_dim, : components.shape[1]] = components
+        full[projected_dim:, components.shape[1] :] = torch.eye(self.passthrough, dtype=features.dtype)
+        self.mean = mean
+        self.components = full
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.components.shape[1])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) @ self.components
+
+
+class GaussianKde(DynamicBufferMixin):
+    """Gaussian kernel density estimate with kernel covariance ``factor**2 * cov(points)`` (scipy's convention).
+
+    Points are stored whitened (``points @ whitening`` has identity covariance), so evaluation is a squared
+    distance, a ``logsumexp`` and a constant: exportable, and finite however far a point lies from the data.
+    """
+
+    def __init__(self, bandwidth: BandwidthRule | float = "scott") -> None:
+        super().__init__()
+        if not (isinstance(bandwidth, int | float) and bandwidth > 0) and bandwidth not in BANDWIDTH_RULES:
+            msg = f"bandwidth={bandwidth!r} must be one of {BANDWIDTH_RULES} or a positive factor"
+            raise ValueError(msg)
+        self.bandwidth = bandwidth
+        self.register_buffer("points", torch.zeros(1, 1))
+        self.register_buffer("whitening", torch.ones(1, 1))
+        self.register_buffer("factor", torch.ones(()))
+        self.register_buffer("log_normalizer", torch.zeros(()))
+        self.points: torch.Tensor
+        self.whitening: torch.Tensor
+        self.factor: torch.Tensor
+        self.log_normalizer: torch.Tensor
+
+    def fit(self, points: torch.Tensor) -> None:
+        _check_points(points, "GaussianKde.fit", min_points=2)
+        dtype = points.dtype
+        data = points.double()
+        num_points, dim = data.shape
+        cholesky = _regularised_cholesky(covariance(data))
+        eye = torch.eye(dim, dtype=data.dtype, device=data.device)
+        whitening = torch.linalg.solve_triangular(cholesky, eye, upper=False).T  # x @ whitening ~ N(0, I)
+        whitened = data @ whitening
+        if self.bandwidth == "scott":
+            factor = scott_factor(num_points, dim)
+        elif self.bandwidth == "silverman":
+            factor = silverman_factor(num_points, dim)
+        elif self.bandwidth == "loo":
+            factor = select_loo_factor(whitened)
+        else:
+            factor = float(self.bandwidth)
+        log_det_cov = 2.0 * torch.log(torch.diagonal(cholesky)).sum()
+        log_normalizer = (
+            -math.log(num_points) - dim * math.log(factor) - 0.5 * log_det_cov - 0.5 * dim * math.log(2 * math.pi)
+        )
+        # store the points already divided by the bandwidth: forward is then one distance and one logsumexp
+        self.whitening = (whitening / factor).to(dtype)
+        self.points = (whitened / factor).to(dtype)
+        self.factor = torch.tensor(factor, dtype=dtype, device=points.device)
+        self.log_normalizer = log_normalizer.to(dtype)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Log density at each row of ``features``: shape (N,)."""
+        query = features @ self.whitening
+        squared = (query[:, None, :] - self.points[None, :, :]).pow(2).sum(dim=-1)
+        return torch.logsumexp(-0.5 * squared, dim=1) + self.log_normalizer
+
+    def leave_one_out_log_density(self) -> torch.Tensor:
+        """Log density of every stored point with itself left out: how normal points score at test time."""
+        num_points, dim = self.points.shape
+        squared = torch.cdist(self.points.double(), self.points.double()).pow(2)
+        squared.fill_diagonal_(float("inf"))
+        # the stored normaliser divides by n; leaving one out divides by n - 1
+        correction = math.log(num_points) - math.log(max(num_points - 1, 1))
+        return (torch.logsumexp(-0.5 * squared, dim=1) + self.log_normalizer.double() + correction).to(
+            self.points.dtype
+        )
+
+
+class GaussianDensity(DynamicBufferMixin):
+    """A single multivariate Gaussian: log density from the Mahalanobis distance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1))
+        self.register_buffer("whitening", torch.ones(1, 1))
+        self.register_buffer("log_normalizer", torch.zeros(()))
+        self.mean: torch.Tensor
+        self.whitening: torch.Tensor
+        self.log_normalizer: torch.Tensor
+
+    def fit(self, points: torch.Tensor) -> None:
+        _check_points(points, "GaussianDensity.fit", min_points=2)
+        dtype = points.dtype
+        data = points.double()
+        dim = data.shape[1]
+        cholesky = _regularised_cholesky(covariance(data))
+        eye = torch.eye(dim, dtype=data.dtype, device=data.device)
+        self.mean = data.mean(dim=0).to(dtype)
+        self.whitening = torch.linalg.solve_triangular(cholesky, eye, upper=False).T.to(dtype)
+        log_det_cov = 2.0 * torch.log(torch.diagonal(cholesky)).sum()
+        self.log_normalizer = (-0.5 * log_det_cov - 0.5 * dim * math.log(2 * math.pi)).to(dtype)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Log density at each row of ``features``: shape (N,)."""
+        whitened = (features - self.mean) @ self.whitening
+        return -0.5 * whitened.pow(2).sum(dim=1) + self.log_normalizer
+
+
+class FeatureDensity(DynamicBufferMixin):
+    """Scaling, PCA and a density, fitted on normal features; ``forward`` gives the negative log density.
+
+    ``calibrated_score`` maps that score to [0, 1] with a logistic curve centred on the median score of the
+    normal fit points (leave-one-out for the KDE, so a point does not explain itself) and scaled by their
+    spread: 0.5 is a typical normal image, values near 1 are far outside the normal distribution.
+    """
+
+    def __init__(
+        self,
+        density: DensityKind = "kde",
+        bandwidth: BandwidthRule | float = "scott",
+        n_components: int = 16,
+        feature_scaling: ScalingMethod = "standardize",
+        max_training_points: int = 2000,
+        seed: int = 0,
+        passthrough: int = 0,
+    ) -> None:
+        super().__init__()
+        if density not in DENSITY_KINDS:
+            msg = f"density={density!r} is not one of {DENSITY_KINDS}"
+            raise ValueError(msg)
+        if max_training_points < 2:
+            msg = f"max_training_points={max_training_points} must be at least 2"
+            raise ValueError(msg)
+        self.max_training_points = max_training_points
+        self.seed = seed
+        self.scaler = FeatureScaler(feature_scaling)
+        self.pca = PrincipalComponents(n_components, passthrough)
+        self.estimator: GaussianKde | GaussianDensity = (
+            GaussianKde(bandwidth) if density == "kde" else GaussianDensity()
+        )
+        self.register_buffer("score_center", torch.zeros(()))
+        self.register_buffer("score_scale", torch.ones(()))
+        self.score_center: torch.Tensor
+        self.score_scale: torch.Tensor
+
+    def fit(self, features: torch.Tensor) -> int:
+        """Fit on at most ``max_training_points`` rows drawn at random (seeded); returns how many were used."""
+        _check_points(features, "FeatureDensity.fit", min_points=2)
+        if features.shape[0] > self.max_training_points:
+            generator = torch.Generator().manual_seed(self.seed)
+            keep = torch.randperm(features.shape[0], generator=generator)[: self.max_training_points]
+            features = features[keep.to(features.device)]
+        features = features.float()
+        self.scaler.fit(features)
+        scaled = self.scaler(features)
+        self.pca.fit(scaled)
+        projected = self.pca(scaled)
+        self.estimator.fit(projected)
+        if isinstance(self.estimator, GaussianKde):
+            normal_scores = -self.estimator.leave_one_out_log_density()
+        else:
+            normal_scores = -self.estimator(projected)
+        center = normal_scores.median()
+        spread = (normal_scores - center).abs().median() * 1.4826  # robust standard deviation
+        self.score_center = center.detach()
+        self.score_scale = spread.clamp_min(1e-3).detach()
+        return int(features.shape[0])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Negative log density (anomaly score) of each row: shape (N,).
+
+        Clamped to a large finite value: when the normal features have (near) zero variance, any deviation
+        overflows float32, and an infinite score would break min-max normalisation downstream.
+        """
+        return (-self.estimator(self.pca(self.scaler(features)))).clamp(-MAX_SCORE, MAX_SCORE)
+
+    def calibrated_score(self, score: torch.Tensor) -> torch.Tensor:
+        """Anomaly score mapped to [0, 1]; monotone, so rankings and AUROC are unchanged."""
+        return torch.sigmoid((score - self.score_center) / self.score_scale)

@@ -1,0 +1,146 @@
+"""Bounded memory banks: a reservoir that caps what fitting keeps, and a greedy k-center coreset fast on a CPU.
+
+Memory-bank models must not grow without bound with the training set. ``ReservoirSampler`` keeps a uniform
+sample of at most ``capacity`` items however many batches arrive, so fitting memory is constant once full and
+time is linear in the number of images. ``greedy_coreset_indices`` then picks the bank with the k-center greedy
+rule (as PatchCore does, Sener & Savarese 2018). anomalib's ``KCenterGreedy`` runs one Python step per selected
+point over the whole set with sparse-projection features; here the set is projected once to a few dense
+dimensions, distances are updated with one matrix-vector product per step, and large sets are split into groups
+that are solved together in one batched step, which cuts the number of steps by the number of groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        msg = f"coreset size must be a positive integer, got {size!r}"
+        raise ValueError(msg)
+
+
+def random_projection(embeddings: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian Johnson-Lindenstrauss projection of the last axis to ``dim`` (unchanged when already smaller)."""
+    features = embeddings.shape[-1]
+    if features <= dim:
+        return embeddings.float()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    matrix = torch.randn(features, dim, generator=generator) / math.sqrt(dim)
+    return embeddings.float() @ matrix.to(embeddings.device)
+
+
+@torch.no_grad()
+def grouped_greedy_coreset_indices(
+    embeddings: torch.Tensor, size: int, projection_dim: int | None = 64, seed: int = 0
+) -> torch.Tensor:
+    """k-center greedy within each group of a ``(groups, n, dim)`` tensor; returns ``(groups, min(size, n))``.
+
+    Every group starts from its point nearest to the group mean (deterministic) and then repeatedly adds the
+    point farthest from the points chosen so far.
+    """
+    _check_size(size)
+    if embeddings.ndim != 3:
+        msg = f"embeddings must be (groups, n, dim), got shape {tuple(embeddings.shape)}"
+        raise ValueError(msg)
+    groups, count, _ = embeddings.shape
+    if size >= count:
+        return torch.arange(count, device=embeddings.device).expand(groups, count).clone()
+    features = embeddings.float() if projection_dim is None else random_projection(embeddings, projection_dim, seed)
+    squared_norms = (features * features).sum(-1)
+    group_index = torch.arange(groups, device=features.device)
+
+    mean_distance = ((features - features.mean(1, keepdim=True)) ** 2).sum(-1)
+    chosen = mean_distance.argmin(1)
+    selected = [chosen]
+    min_distance = torch.full((groups, count), float("inf"), device=features.device)
+    for _ in range(size - 1):
+        centre = features[group_index, chosen]  # (groups, dim)
+        distance = (
+            squared_norms
+            - 2 * torch.einsum("gnd,gd->gn", features, centre)
+            + squared_norms[group_index, chosen][:, None]
+        )
+        torch.minimum(min_distance, distance, out=min_distance)
+        min_distance[group_index, chosen] = -1.0  # never pick a centre twice
+        chosen = min_distance.argmax(1)
+        selected.append(chosen)
+    return torch.stack(selected, 1)
+
+
+def greedy_coreset_indices(
+    embeddings: torch.Tensor,
+    size: int,
+    projection_dim: int | None = 64,
+    group_size: int = 4096,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Indices of a k-center greedy coreset of ``size`` rows of a ``(n, dim)`` tensor.
+
+    Sets larger than ``group_size`` are shuffled into equal groups, each gets its share of the coreset, and the
+    groups are solved in one batched greedy run: the steps drop from ``size`` to ``size / groups``.
+    """
+    _check_size(size)
+    if embeddings.ndim != 2:
+        msg = f"embeddings must be (n, dim), got shape {tuple(embeddings.shape)}"
+        raise ValueError(msg)
+    count = embeddings.shape[0]
+    if size >= count:
+        return torch.arange(count, device=embeddings.device)
+    groups = max(1, min(size, math.ceil(count / group_size)))
+    if groups == 1:
+        return grouped_greedy_coreset_indices(embeddings[None], size, projection_dim, seed)[0]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    order = torch.randperm(count, generator=generator).to(embeddings.device)
+    per_group = count // groups
+    grouped_order = order[: per_group * groups].view(groups, per_group)
+    share = math.ceil(size / groups)
+    local = grouped_greedy_coreset_indices(embeddings[grouped_order], min(share, per_group), projection_dim, seed)
+    picked = torch.gather(grouped_order, 1, local).T.reshape(-1)  # interleave groups so a cut keeps all groups
+    return picked[:size]
+
+
+class ReservoirSampler:
+    """Uniform sample of at most ``capacity`` items (first axis) from a stream of batches (Vitter's algorithm R)."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        if not isinstance(capacity, int) or capacity <= 0:
+            msg = f"reservoir capacity must be a positive integer, got {capacity!r}"
+            raise ValueError(msg)
+        self.capacity = capacity
+        self.seen = 0
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._store: torch.Tensor | None = None
+        self._filled = 0
+
+    def add(self, batch: torch.Tensor) -> None:
+        """Offer every item of ``batch``; memory never exceeds ``capacity`` items."""
+        batch = batch.detach()
+        if self._store is None:
+            self._store = batch.new_empty((self.capacity, *batch.shape[1:]))
+        elif batch.shape[1:] != self._store.shape[1:]:
+            msg = f"items of shape {tuple(batch.shape[1:])} differ from earlier ones {tuple(self._store.shape[1:])}"
+            raise ValueError(msg)
+        free = min(self.capacity - self._filled, batch.shape[0])
+        if free > 0:
+            self._store[self._filled : self._filled + free] = batch[:free]
+            self._filled += free
+        rest = batch[free:]
+        if rest.shape[0] > 0:
+            positions = torch.arange(self.seen + free, self.seen + batch.shape[0]) + 1
+            slots = (torch.rand(rest.shape[0], generator=self._generator) * positions).long()
+            keep = slots < self.capacity
+            self._store[slots[keep].to(rest.device)] = rest[keep.to(rest.device)]
+        self.seen += batch.shape[0]
+
+    def samples(self) -> torch.Tensor:
+        """The kept items, ``(min(seen, capacity), ...)``."""
+        if self._store is None:
+            msg = "the reservoir is empty: no training batch was seen"
+            raise RuntimeError(msg)
+        return self._store[: self._filled]
+
+    def clear(self) -> None:
+        self._store, self._filled, self.seen = None, 0, 0

@@ -1,0 +1,279 @@
+"""Dfkdm: deep-feature kernel density model (DfKDM), with a LAKE-style autoencoder feature source.
+
+``feature_source="backbone"`` is fit-only, like anomalib's Dfkde: one pass over the normal training images
+collects pooled backbone features, then the density is fitted. ``feature_source="autoencoder"`` trains a
+convolutional autoencoder for ``max_epochs`` epochs in the same ``anomalib train`` run, then passes once more
+over the training images with the trained network to collect LAKE features (latent code plus
+reconstruction errors) and fits the density on them.
+
+When the density is fitted: Lightning runs validation inside the training epoch, before
+``on_train_epoch_end``, so the fit happens in ``on_validation_start`` (whenever the network changed since the
+last fit) and, for runs without validation, in ``on_train_end``. A checkpoint stores the fitted density as
+buffers, so a reloaded model never refits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import AUROC, Evaluator, F1Score
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+
+from anomalib_ext.models.components import DEFAULT_BACKBONE
+from anomalib_ext.models.components.autoencoder import ReconstructionLoss
+from anomalib_ext.models.components.kde import BandwidthRule, DensityKind, ScalingMethod
+
+from .torch_model import DfkdmModel, FeatureSource
+
+logger = logging.getLogger(__name__)
+
+
+def _as_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    if len(image_size) != 2:
+        msg = f"image_size must be an int or (height, width), got {image_size!r}"
+        raise ValueError(msg)
+    return int(image_size[0]), int(image_size[1])
+
+
+class Dfkdm(AnomalibModule):
+    """Deep-feature kernel density model.
+
+    Args:
+        feature_source: ``backbone`` (pooled pretrained features, image-level) or ``autoencoder`` (LAKE:
+            latent code + reconstruction errors; anomaly map = reconstruction residual).
+        backbone: timm architecture with offline weights (``tf_efficientnet_lite0/1/2``).
+        layers: backbone layers whose pooled activations are concatenated.
+        pre_trained: load the pretrained backbone weights.
+        image_size: input size after the default pre-processor (and the autoencoder's size).
+        in_channels, latent_dim, base_channels, num_downsamples, variational: the autoencoder.
+        learning_rate, weight_decay: Adam settings for the autoencoder.
+        l2_weight, ssim_weight, beta: reconstruction loss weights (``beta`` for the VAE's KL term).
+        density: ``kde`` or ``gaussian``.
+        bandwidth: KDE bandwidth rule ``scott``, ``silverman``, ``loo`` (max leave-one-out likelihood) or a
+            positive factor.
+        n_components: PCA components (``<= 0``: no reduction).
+        feature_scaling: ``standardize``, ``scale``, ``norm`` or ``none``, before PCA.
+        max_training_points: cap on the points the density is fitted on (random, seeded sample).
+        calibrate: scores in [0, 1] instead of the raw negative log density.
+        map_sigma: smoothing of the residual map in pixels (autoencoder mode).
+        pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
+    """
+
+    def __init__(
+        self,
+        feature_source: FeatureSource = "backbone",
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[str] = ("blocks.2", "blocks.4", "blocks.6"),
+        pre_trained: bool = True,
+        image_size: int | Sequence[int] = 256,
+        in_channels: int = 3,
+        latent_dim: int = 32,
+        base_channels: int = 32,
+        num_downsamples: int = 4,
+        variational: bool = False,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        l2_weight: float = 1.0,
+        ssim_weight: float = 1.0,
+        beta: float = 1e-3,
+        density: DensityKind = "kde",
+        bandwidth: BandwidthRule | float = "loo",
+        n_components: int = 16,
+        feature_scaling: ScalingMethod = "standardize",
+        max_training_points: int = 2000,
+        calibrate: bool = False,
+        map_sigma: float = 4.0,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        size = _as_pair(image_size)
+        if pre_processor is True:
+            pre_processor = self.default_pre_processor(feature_source, size)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.feature_source = feature_source
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.model: DfkdmModel = DfkdmModel(
+            feature_source=feature_source,
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            image_size=size,
+            in_channels=in_channels,
+            latent_dim=latent_dim,
+            base_channels=base_channels,
+            num_downsamples=num_downsamples,
+            variational=variational,
+            density=density,
+            bandwidth=bandwidth,
+            n_components=n_components,
+            feature_scaling=feature_scaling,
+            max_training_points=max_training_points,
+            calibrate=calibrate,
+            map_sigma=map_sigma,
+        )
+        self.loss = (
+            ReconstructionLoss(l2_weight=l2_weight, ssim_weight=ssim_weight, beta=beta)
+            if feature_source == "autoencoder"
+            else None
+        )
+        self.register_buffer("_is_fitted", torch.tensor([False]))
+        self._is_fitted: torch.Tensor
+        self._collected_features: list[torch.Tensor] = []
+        self._fitted_at_step = -1
+
+    # ------------------------------------------------------------------------------------------ components
+    @staticmethod
+    def default_pre_processor(feature_source: FeatureSource, image_size: tuple[int, int]) -> PreProcessor:
+        """Resize (+ ImageNet normalisation for the backbone only).
+
+        The autoencoder sees raw [0, 1] images: its output is a sigmoid, and mean/std normalisation of near-
+        constant images blows noise up (DfKDM tips). Nearest-neighbour resizing keeps thin defects sharp.
+        """
+        if feature_source == "autoencoder":
+            return PreProcessor(transform=Compose([Resize(image_size, interpolation=InterpolationMode.NEAREST)]))
+        return PreProcessor(
+            transform=Compose(
+                [
+                    Resize(image_size, antialias=True),
+                    Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+                ]
+            )
+        )
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Default for the backbone source; the autoencoder source picks its own in ``__init__``."""
+        return cls.default_pre_processor("backbone", image_size or (256, 256))
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC and F1 (plus pixel AUROC when there is a map, i.e. autoencoder mode)."""
+        image_auroc = AUROC(fields=["pred_score", "gt_label"], prefix="image_")
+        image_f1 = F1Score(fields=["pred_label", "gt_label"], prefix="image_")
+        pixel_auroc = AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False)
+        return Evaluator(test_metrics=[image_auroc, image_f1, pixel_auroc])
+
+    # ------------------------------------------------------------------------------------------- training
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """Adam on the autoencoder; nothing to optimise in backbone mode."""
+        if self.model.autoencoder is None:
+            return None
+        return torch.optim.Adam(
+            self.model.autoencoder.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+
+    def on_train_epoch_start(self) -> None:
+        """Each epoch sees the whole training set again: keep only this epoch's backbone features."""
+        self._collected_features = []
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Backbone: collect features. Autoencoder: one reconstruction-loss step."""
+        del args, kwargs
+        if self.loss is None:
+            with torch.no_grad():
+                self._collected_features.append(self.model.backbone_features(batch.image).cpu())
+            self._is_fitted = torch.tensor([False], device=self.device)
+            return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
+        assert self.model.autoencoder is not None
+        terms = self.loss(batch.image, self.model.autoencoder(batch.image))
+        self.log_dict({f"train_{name}": value for name, value in terms.items()}, prog_bar=True, on_epoch=True)
+        return terms["loss"]
+
+    # ------------------------------------------------------------------------------------------ density fit
+    def _needs_fit(self) -> bool:
+        if self.loss is None:
+            return bool(self._collected_features) or not bool(self._is_fitted)
+        return not bool(self._is_fitted) or self._fitted_at_step != self.global_step
+
+    def _lake_training_features(self) -> torch.Tensor:
+        """One pass over the training images with the trained autoencoder (eval mode, no gradients)."""
+        trainer = self._trainer
+        if trainer is None or trainer.train_dataloader is None:
+            msg = "Dfkdm (autoencoder) can only fit its density inside a Lightning fit (no training dataloader)"
+            raise RuntimeError(msg)
+        was_training = self.model.training
+        self.model.eval()
+        features = []
+        transform = getattr(self.pre_processor, "transform", None)
+        with torch.no_grad():
+            for batch in trainer.train_dataloader:
+                images = batch.image.to(self.device)
+                if transform is not None:
+                    images = transform(images)
+                features.append(self.model.extract_features(images).cpu())
+        self.model.train(was_training)
+        return torch.cat(features)
+
+    def fit(self) -> None:
+        """Fit the density on the normal training features (capped sample)."""
+        if self.loss is None:
+            if not self._collected_features:
+                msg = "Dfkdm has no training features to fit: run training (engine.fit) first"
+                raise RuntimeError(msg)
+            features = torch.cat(self._collected_features)
+            self._collected_features = []
+        else:
+            features = self._lake_training_features()
+        used = self.model.density.fit(features.to(self.device))
+        logger.info("Dfkdm: density fitted on %d of %d training feature vectors", used, len(features))
+        self._is_fitted = torch.tensor([True], device=self.device)
+        self._fitted_at_step = self.global_step
+
+    def on_validation_start(self) -> None:
+        """Validation runs inside the training epoch: fit here whenever training changed something."""
+        if self._needs_fit():
+            self.fit()
+
+    def on_train_end(self) -> None:
+        """Runs without validation still end with a fitted density."""
+        if self._needs_fit():
+            self.fit()
+
+    def _require_fitted(self) -> None:
+        if not bool(self._is_fitted):
+            msg = "Dfkdm is not fitted: train it (engine.fit / anomalib train) or load a trained checkpoint"
+            raise RuntimeError(msg)
+
+    def on_test_start(self) -> None:
+        self._require_fitted()
+
+    def on_predict_start(self) -> None:
+        self._require_fitted()
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Scores (and, for the autoencoder, maps) of the validation images."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    # ------------------------------------------------------------------------------------------- settings
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Backbone: one pass, no gradients. Autoencoder: normal training; both skip the sanity check."""
+        if self.feature_source == "backbone":
+            return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
+        return {"num_sanity_val_steps": 0, "devices": 1}
+
+    @property
+    def learning_type(self) -> LearningType:
+        return LearningType.ONE_CLASS

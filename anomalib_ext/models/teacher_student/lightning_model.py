@@ -1,0 +1,266 @@
+"""TeacherStudent: fine-tune a pretrained teacher on normal vs synthetic defects, then distil a student.
+
+Both stages run in one ``anomalib train`` run with manual optimisation: epochs ``[0, teacher_epochs)`` train
+the teacher as a weighted normal-vs-defective classifier, then the teacher is frozen and the remaining
+epochs train the student to match its L2-normalised features. The map is 1 - cosine similarity per layer,
+combined by product or sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.nn import functional as F  # noqa: N812
+from torchvision.transforms.v2 import Resize
+
+from anomalib_ext.models.components import DEFAULT_BACKBONE
+
+from .augment import NormalVariation, SyntheticDefects
+from .template import SingleTemplateDataset
+from .torch_model import TeacherStudentModel, layer_feature_loss
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TS_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
+
+
+def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    if len(image_size) != 2:
+        msg = f"TeacherStudent: image_size must be an int or (height, width), got {image_size!r}"
+        raise ValueError(msg)
+    return int(image_size[0]), int(image_size[1])
+
+
+class TeacherStudent(AnomalibModule):
+    """Teacher-student anomaly detector with optional teacher fine-tuning, HistAuGAN and single-template mode.
+
+    Args:
+        backbone: teacher architecture (offline pretrained weights).
+        layers: compared feature layers.
+        student_backbone: student architecture (random init); ``None`` = same as the teacher.
+        amap_mode: combine per-layer maps by ``"mul"`` or ``"sum"``.
+        blur_sigma: Gaussian smoothing of the map (pixels at model input size); 0 disables it.
+        score_fraction: image score = mean of the top fraction of map pixels; 0 = maximum.
+        teacher_epochs: epochs spent fine-tuning the teacher first; 0 keeps the ImageNet teacher.
+        teacher_lr: Adam learning rate of the teacher fine-tuning (small: adapt, do not forget ImageNet).
+        student_lr: SGD (momentum 0.9) learning rate of the student, STFPM's 0.4 by default.
+        normal_weight / augmented_weight / defect_weight: per-sample weights of the teacher's classifier loss
+            (the origin's 5 / 2 / 10).
+        student_augment_p: fraction of each student batch replaced by augmented normals.
+        degrees / translate / hflip / vflip / colour_jitter: augmentation strengths (see ``NormalVariation``).
+        histaugan_checkpoint: trained HistAuGAN generator; restyles augmented samples when given.
+        histaugan_p: probability that an augmented sample is restyled by HistAuGAN.
+        single_template: path of one good image; the training set becomes it plus its variations.
+        samples_per_epoch: number of template variations per epoch in single-template mode.
+        image_size: side (or (height, width)) the default pre-processor resizes to.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[str] = DEFAULT_TS_LAYERS,
+        student_backbone: str | None = None,
+        amap_mode: str = "mul",
+        blur_sigma: float = 4.0,
+        score_fraction: float = 0.01,
+        teacher_epochs: int = 1,
+        teacher_lr: float = 1e-4,
+        student_lr: float = 0.4,
+        normal_weight: float = 5.0,
+        augmented_weight: float = 2.0,
+        defect_weight: float = 10.0,
+        student_augment_p: float = 0.5,
+        degrees: float = 10.0,
+        translate: float = 0.05,
+        hflip: bool = False,
+        vflip: bool = False,
+        colour_jitter: float = 0.15,
+        histaugan_checkpoint: str | None = None,
+        histaugan_p: float = 0.5,
+        single_template: str | None = None,
+        samples_per_epoch: int = 64,
+        image_size: int | Sequence[int] = 256,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(_as_size(image_size))
+        super().__init__(
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        )
+        if teacher_epochs < 0:
+            msg = f"teacher_epochs must be >= 0, got {teacher_epochs}"
+            raise ValueError(msg)
+        for name, weight in (
+            ("normal_weight", normal_weight),
+            ("augmented_weight", augmented_weight),
+            ("defect_weight", defect_weight),
+        ):
+            if weight < 0:
+                msg = f"{name} must be >= 0, got {weight}"
+                raise ValueError(msg)
+        if not 0.0 <= student_augment_p <= 1.0:
+            msg = f"student_augment_p must be in [0, 1], got {student_augment_p}"
+            raise ValueError(msg)
+        if single_template is not None and not Path(single_template).is_file():
+            msg = f"single_template '{single_template}' does not exist"
+            raise FileNotFoundError(msg)
+        self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
+        self.model = TeacherStudentModel(
+            backbone=backbone,
+            layers=layers,
+            student_backbone=student_backbone,
+            amap_mode=amap_mode,
+            blur_sigma=blur_sigma,
+            score_fraction=score_fraction,
+        )
+        self.variation = NormalVariation(
+            degrees=degrees,
+            translate=translate,
+            hflip=hflip,
+            vflip=vflip,
+            brightness=colour_jitter,
+            contrast=colour_jitter,
+            saturation=colour_jitter * 0.7,
+            hue=colour_jitter * 0.1,
+            histaugan_checkpoint=histaugan_checkpoint,
+            histaugan_p=histaugan_p,
+        )
+        self.defects = SyntheticDefects()
+        self.teacher_epochs = teacher_epochs
+        self.teacher_lr = teacher_lr
+        self.student_lr = student_lr
+        self.sample_weights = (normal_weight, augmented_weight, defect_weight)
+        self.student_augment_p = student_augment_p
+        self.single_template = single_template
+        self.samples_per_epoch = samples_per_epoch
+        self.automatic_optimization = False
+        self._teacher_frozen = teacher_epochs == 0
+        if self._teacher_frozen:
+            self.model.freeze_teacher()
+
+    # ----------------------------------------------------------------------------------- anomalib hooks
+    @classmethod
+    def configure_pre_processor(cls, image_size: int | Sequence[int] | None = None) -> PreProcessor:
+        """Resize only: the torch model normalises, so training augmentations see plain [0, 1] images."""
+        return PreProcessor(transform=Resize(_as_size(image_size or 256), antialias=True))
+
+    @property
+    def learning_type(self) -> LearningType:
+        """One-class: only good images are needed (synthetic defects are made on the fly)."""
+        return LearningType.ONE_CLASS
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Manual optimisation: Lightning must not clip gradients itself."""
+        return {"gradient_clip_val": None, "num_sanity_val_steps": 0}
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Adam for the teacher (+ classifier head); SGD as in STFPM for the student (+ projections)."""
+        teacher_parameters = [*self.model.teacher.parameters(), *self.model.classifier.parameters()]
+        student_parameters = [*self.model.student.parameters(), *self.model.projections.parameters()]
+        return [
+            torch.optim.Adam(teacher_parameters, lr=self.teacher_lr),
+            torch.optim.SGD(student_parameters, lr=self.student_lr, momentum=0.9, weight_decay=1e-3),
+        ]
+
+    def setup(self, stage: str) -> None:
+        """In single-template mode, replace the datamodule's training set by the template's variations."""
+        if self.single_template is None or stage != "fit":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_data"):
+            msg = "single_template needs an anomalib datamodule (Engine.fit(datamodule=...) or `anomalib train`)"
+            raise ValueError(msg)
+        datamodule.train_data = SingleTemplateDataset(self.single_template, self.samples_per_epoch, self.variation)
+        logger.info("single-template mode: %d variations of %s per epoch", self.samples_per_epoch, self.single_template)
+
+    def on_train_start(self) -> None:
+        """Fail early when the epoch budget leaves no epoch for the student."""
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs != -1 and max_epochs <= self.teacher_epochs:
+            msg = (
+                f"max_epochs ({max_epochs}) must exceed teacher_epochs ({self.teacher_epochs}): "
+                "the student needs at least one epoch"
+            )
+            raise ValueError(msg)
+
+    def on_train_epoch_start(self) -> None:
+        """Freeze the teacher once its fine-tuning epochs are over."""
+        if not self._teacher_frozen and self.current_epoch >= self.teacher_epochs:
+            self.model.freeze_teacher()
+            self._teacher_frozen = True
+
+    # ------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One optimiser step of whichever stage the current epoch belongs to."""
+        del args, kwargs
+        teacher_optimizer, student_optimizer = self.optimizers()
+        if self.current_epoch < self.teacher_epochs:
+            loss = self._teacher_loss(batch.image)
+            optimizer, name = teacher_optimizer, "teacher_loss"
+        else:
+            loss = self._student_loss(batch.image)
+            optimizer, name = student_optimizer, "student_loss"
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.log(name, loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
+        return {"loss": loss.detach()}
+
+    def _teacher_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Weighted BCE: normal (label 0), augmented normal (0) and synthetic defects (1)."""
+        augmented = self.variation(images)
+        # defects on plain and on augmented normals alike, so the classifier cannot key on augmentation
+        sources = torch.where(torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5, images, augmented)
+        defective = self.defects(sources)
+        inputs = torch.cat([images, augmented, defective])
+        labels = torch.cat([images.new_zeros(2 * len(images)), images.new_ones(len(images))])
+        normal_w, augmented_w, defect_w = self.sample_weights
+        weights = torch.cat(
+            [
+                images.new_full((len(images),), normal_w),
+                images.new_full((len(images),), augmented_w),
+                images.new_full((len(images),), defect_w),
+            ]
+        )
+        logits = self.model.classify(inputs)
+        per_sample = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
+
+    def _student_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature matching on normals, part of them replaced by augmented normals."""
+        if self.student_augment_p > 0:
+            replace = torch.rand(len(images), 1, 1, 1, device=images.device) < self.student_augment_p
+            images = torch.where(replace, self.variation(images), images)
+        teacher, student = self.model(images)
+        return layer_feature_loss(teacher, student)
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Map and score for anomalib's evaluator."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    # ---------------------------------------------------------------------------------------- checkpoint
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A reloaded model is always a trained one: its teacher stays frozen."""
+        super().on_load_checkpoint(checkpoint)
+        self.model.freeze_teacher()
+        self._teacher_frozen = True

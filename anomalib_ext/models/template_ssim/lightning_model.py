@@ -1,0 +1,213 @@
+"""TemplateSsim: per-class templates, pose search by NCC, anomaly map = 1 - local SSIM, per-class scores.
+
+No gradient training: one epoch collects a capped, seeded sample of normal images per class (reservoir), then
+``fit`` builds the templates and each class's score statistics from held-out normals.
+
+Where the class comes from: the path of each training image (``.../good/<class>/<name>``, see
+``anomalib_ext.data.dice.class_from_path``), because anomalib's batches have no class field. Images in a flat
+``good/`` folder (MVTec, Folder) have no class: the model then finds ``num_templates`` templates by k-medoids.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule, MemoryBankMixin
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torchvision.transforms.v2 import Compose, Resize
+
+from anomalib_ext.data.dice import class_from_path
+
+from .torch_model import TemplateSsimModel
+
+logger = logging.getLogger(__name__)
+
+# small rotations only: the dice classes 01/02, 03/04 and 07-10 are 90-degree rotations of each other, so a
+# search over quarter turns would let one class's template explain another's images.
+DEFAULT_ANGLES = (-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
+
+
+class TemplateSsim(MemoryBankMixin, AnomalibModule):
+    """Template matching + SSIM anomaly detector (see README.md).
+
+    Args:
+        angles: rotations searched at inference and when aligning training images, degrees. Add quarter
+            turns (90, 180, 270) only when classes are not rotations of each other.
+        max_shift: shifts searched, pixels (each direction) at the pre-processed size.
+        coarse_factor: downsampling of the exhaustive search pass (refined at full resolution).
+        num_templates: k-medoids templates when the training images carry no class folder.
+        templates_per_class: k-medoids templates inside each class (e.g. 2 for two lighting regimes); each
+            template then has its own score statistics.
+        class_folders: read the class from ``.../good/<class>/`` in the image path; ``False`` = class-less.
+        max_images_per_class: reservoir cap per class (half builds the template, half calibrates).
+        calibration_fraction: share of each class's sample held out for score statistics.
+        ssim_window, ssim_sigma: Gaussian SSIM window.
+        map_sigma: Gaussian smoothing of the anomaly map.
+        topk_fraction: image score = mean of the top fraction of the (normalised) map.
+        pixel_statistics: standardise the map per pixel by the spread of held-out normal maps (in the template
+            frame) before the per-class score normalisation; uses half of the calibration images.
+        image_size: pre-processor resize, ``H`` or ``(H, W)``, when ``pre_processor`` is ``True`` (default 256).
+        seed: seed of the reservoir sampling and splits.
+        pre_processor, post_processor, evaluator, visualizer: as in every anomalib model.
+    """
+
+    def __init__(
+        self,
+        angles: Sequence[float] = DEFAULT_ANGLES,
+        max_shift: int = 10,
+        coarse_factor: int = 4,
+        num_templates: int = 3,
+        templates_per_class: int = 1,
+        class_folders: bool = True,
+        max_images_per_class: int = 128,
+        calibration_fraction: float = 0.5,
+        ssim_window: int = 7,
+        ssim_sigma: float = 1.5,
+        map_sigma: float = 2.0,
+        topk_fraction: float = 0.002,
+        pixel_statistics: bool = True,
+        image_size: int | tuple[int, int] | None = None,
+        seed: int = 0,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if num_templates < 1 or templates_per_class < 1:
+            msg = f"TemplateSsim: num_templates and templates_per_class must be >= 1, got {num_templates}, "
+            msg += f"{templates_per_class}"
+            raise ValueError(msg)
+        if max_images_per_class < 2:
+            msg = f"TemplateSsim: max_images_per_class must be >= 2, got {max_images_per_class}"
+            raise ValueError(msg)
+        if not 0.0 <= calibration_fraction < 1.0:
+            msg = f"TemplateSsim: calibration_fraction must be in [0, 1), got {calibration_fraction}"
+            raise ValueError(msg)
+        self.num_templates = num_templates
+        self.templates_per_class = templates_per_class
+        self.class_folders = class_folders
+        self.max_images_per_class = max_images_per_class
+        self.calibration_fraction = calibration_fraction
+        self.seed = seed
+        self.model = TemplateSsimModel(
+            angles=list(angles),
+            max_shift=max_shift,
+            coarse_factor=coarse_factor,
+            ssim_window=ssim_window,
+            ssim_sigma=ssim_sigma,
+            map_sigma=map_sigma,
+            topk_fraction=topk_fraction,
+            pixel_statistics=pixel_statistics,
+        )
+        self.class_names: list[str] = []
+        self._reservoir: dict[str, list[torch.Tensor]] = {}
+        self._seen: dict[str, int] = {}
+        self._random = random.Random(seed)
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: int | tuple[int, int] | None = None) -> PreProcessor:
+        """Resize only: SSIM and NCC want the image's own intensities, not ImageNet statistics."""
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        image_size = tuple(image_size) if image_size else (256, 256)
+        return PreProcessor(transform=Compose([Resize(image_size, antialias=True)]))
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """No gradient training."""
+        return
+
+    @property
+    def learning_type(self) -> LearningType:
+        return LearningType.ONE_CLASS
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        return {"max_epochs": 1, "gradient_clip_val": 0, "num_sanity_val_steps": 0}
+
+    # --------------------------------------------------------------------------------------------- training
+    def _class_of(self, image_path: str | None) -> str:
+        if not self.class_folders or image_path is None:
+            return ""
+        return class_from_path(image_path) or ""
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor:
+        """Keep a seeded reservoir sample of each class's images (uint8: 4x less memory)."""
+        del args, kwargs
+        paths = batch.image_path if batch.image_path is not None else [None] * len(batch.image)
+        images = (batch.image.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        for image, path in zip(images, paths, strict=True):
+            name = self._class_of(path)
+            bucket = self._reservoir.setdefault(name, [])
+            seen = self._seen.get(name, 0) + 1
+            self._seen[name] = seen
+            if len(bucket) < self.max_images_per_class:
+                bucket.append(image)
+            else:
+                slot = self._random.randrange(seen)
+                if slot < self.max_images_per_class:
+                    bucket[slot] = image
+        return torch.tensor(0.0, requires_grad=True, device=self.device)
+
+    def fit(self) -> None:
+        """Templates and per-class statistics from the reservoir (template and calibration images disjoint)."""
+        if not self._reservoir:
+            msg = "TemplateSsim.fit: no training images were seen (is the train dataloader empty?)"
+            raise RuntimeError(msg)
+        named = sorted(self._reservoir)
+        if "" in named and len(named) > 1:
+            msg = (
+                "TemplateSsim: some training images sit in class folders (good/<class>/) and some directly in "
+                "good/; put all in class folders or none (or set class_folders=False)"
+            )
+            raise ValueError(msg)
+        generator = torch.Generator().manual_seed(self.seed)
+        template_sets, calibration_sets = [], []
+        for name in named:
+            images = torch.stack(self._reservoir[name]).float().div(255).to(self.device)
+            order = torch.randperm(len(images), generator=generator).to(self.device)
+            held = round(len(images) * self.calibration_fraction) if len(images) >= 4 else 0
+            calibration_sets.append(images[order[:held]])
+            template_sets.append(images[order[held:]])
+        class_less = named == [""]
+        per_entry = self.num_templates if class_less else self.templates_per_class
+        template_source = self.model.fit(template_sets, calibration_sets, num_templates=per_entry)
+        # one name per statistics group (a class, or a template when an entry has several)
+        if class_less:
+            self.class_names = [f"template_{index}" for index in range(len(template_source))]
+        elif per_entry > 1:
+            self.class_names = [named[source] for source in template_source]
+        else:
+            self.class_names = named
+        logger.info("TemplateSsim fitted %d templates, statistics groups %s", len(template_source), self.class_names)
+        self._reservoir, self._seen = {}, {}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    # -------------------------------------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["template_ssim_class_names"] = list(self.class_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.class_names = list(checkpoint.get("template_ssim_class_names", []))

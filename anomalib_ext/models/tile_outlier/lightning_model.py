@@ -1,0 +1,235 @@
+"""TileOutlier: segment-level anomaly detection by tile outliers (fastdup-style nearest-neighbour scores).
+
+Fit-only, like PatchCore: one pass over the normal training images collects tile embeddings into a capped
+reservoir, then a k-center coreset of them becomes the memory bank. ``backend="fastdup"`` embeds tiles with
+fastdup's bundled model instead (optional, non-commercial licence, not exportable).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import AUROC, Evaluator, F1Score
+from anomalib.models.components import AnomalibModule, MemoryBankMixin
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from anomalib_ext.models.components import DEFAULT_BACKBONE
+from anomalib_ext.models.components.export import ExportDefaultsMixin
+from anomalib_ext.models.components.memory_bank import ReservoirSampler
+
+from .torch_model import TileOutlierModel
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["torch", "fastdup"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _as_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    if len(image_size) != 2:
+        msg = f"image_size must be an int or (height, width), got {image_size!r}"
+        raise ValueError(msg)
+    return int(image_size[0]), int(image_size[1])
+
+
+class TileOutlier(ExportDefaultsMixin, MemoryBankMixin, AnomalibModule):
+    """Tile-outlier anomaly detection.
+
+    Args:
+        image_size: input size after the default pre-processor; fixes the tile grid (and the export size).
+        num_parts: ``N`` for an ``N x N`` grid of non-overlapping tiles (the origin's segments).
+        tile_size, stride: square tiles of ``tile_size`` every ``stride`` pixels (used when ``num_parts`` is
+            not given). ``stride < tile_size`` overlaps tiles, which sharpens the map.
+        embed: ``pool`` (backbone once per image, features averaged over each tile) or ``crop`` (each tile
+            resampled to ``crop_size`` and embedded on its own).
+        backbone, layers, pre_trained: the offline timm backbone and the layers of the tile embedding.
+        crop_size: crop side for ``embed: crop`` (default: the largest tile side).
+        position_aware: compare a tile only with bank tiles at the same or neighbouring grid positions.
+        neighbourhood: radius of those neighbouring positions.
+        num_neighbors: ``k`` nearest bank tiles averaged in the score ``1 - cosine similarity``.
+        max_bank_size: cap on the bank's tiles, reached with a greedy k-center coreset.
+        max_fit_tiles: cap on the tile embeddings kept while fitting (a uniform reservoir over images), so fit
+            memory stops growing with the training set.
+        smoothing_sigma: Gaussian smoothing of the painted map in pixels.
+        backend: ``torch`` (exportable) or ``fastdup`` (fastdup's model embeds the tiles; optional extra).
+        fastdup_work_dir: where the fastdup backend writes tiles (default: a temporary directory).
+        pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
+    """
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 256,
+        num_parts: int | None = None,
+        tile_size: int | None = 32,
+        stride: int | None = 8,
+        embed: Literal["pool", "crop"] = "pool",
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
+        pre_trained: bool = True,
+        crop_size: int | None = None,
+        position_aware: bool = True,
+        neighbourhood: int = 1,
+        num_neighbors: int = 1,
+        max_bank_size: int = 60_000,
+        max_fit_tiles: int = 400_000,
+        smoothing_sigma: float = 4.0,
+        backend: Backend = "torch",
+        fastdup_work_dir: str | None = None,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        size = _as_pair(image_size)
+        if backend not in ("torch", "fastdup"):
+            msg = f"backend must be 'torch' or 'fastdup', got '{backend}'"
+            raise ValueError(msg)
+        if not isinstance(max_fit_tiles, int) or max_fit_tiles <= 0:
+            msg = f"max_fit_tiles must be a positive integer, got {max_fit_tiles!r}"
+            raise ValueError(msg)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(size)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.backend = backend
+        self.model: TileOutlierModel = TileOutlierModel(
+            image_size=size,
+            num_parts=num_parts,
+            tile_size=tile_size,
+            stride=stride,
+            embed=embed,
+            backbone=backbone,
+            layers=layers,
+            # the fastdup backend only borrows the grid, bank and scoring: no backbone weights needed
+            pre_trained=pre_trained and backend == "torch",
+            crop_size=crop_size,
+            position_aware=position_aware,
+            neighbourhood=neighbourhood,
+            num_neighbors=num_neighbors,
+            max_bank_size=max_bank_size,
+            smoothing_sigma=smoothing_sigma,
+        )
+        self.max_fit_tiles = max_fit_tiles
+        self._reservoir = self._new_reservoir()
+        self._fastdup = None
+        if backend == "fastdup":
+            from .fastdup_backend import FastdupTileEmbedder  # optional extra: imported only when asked for
+
+            self._fastdup = FastdupTileEmbedder(self.model.grid, work_dir=fastdup_work_dir)
+            self.model.external_embedder = lambda images: self._fastdup.embed(self._raw_images(images))
+
+    def _new_reservoir(self) -> ReservoirSampler:
+        return ReservoirSampler(max(1, self.max_fit_tiles // self.model.grid.num_tiles))
+
+    # ------------------------------------------------------------------------------------------ components
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to the fixed ``image_size`` and normalise with ImageNet statistics."""
+        return PreProcessor(
+            transform=Compose(
+                [
+                    Resize(image_size or (256, 256), antialias=True),
+                    Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+                ]
+            )
+        )
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC and F1, pixel AUROC."""
+        return Evaluator(
+            test_metrics=[
+                AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+                F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+                AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            ]
+        )
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        return PostProcessor()
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """Nothing to optimise: the bank is fitted, not trained."""
+        return
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
+
+    @property
+    def learning_type(self) -> LearningType:
+        return LearningType.ONE_CLASS
+
+    # ------------------------------------------------------------------------------------------- training
+    def _raw_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Undo the ImageNet normalisation: fastdup reads ordinary pictures."""
+        mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return (images * std + mean).clamp(0, 1)
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(images)
+
+    def on_train_epoch_start(self) -> None:
+        """Each epoch sees the same images: collect them once per epoch."""
+        self._reservoir = self._new_reservoir()
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Collect the tile embeddings of normal images into the capped reservoir."""
+        del args, kwargs
+        with torch.no_grad():
+            self._reservoir.add(self._embed(batch.image).cpu())
+        return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
+
+    def fit(self) -> None:
+        """k-center coreset of the collected tiles becomes the memory bank."""
+        embeddings = self._reservoir.samples()
+        logger.info("TileOutlier: fitting the bank on %d images x %d tiles", len(embeddings), self.model.grid.num_tiles)
+        self.model.fit_bank(embeddings.to(self.device))
+        self._reservoir = self._new_reservoir()
+
+    # ------------------------------------------------------------------------------------------ inference
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def forward(self, batch: torch.Tensor, *args, **kwargs) -> Any:  # noqa: ANN401
+        if self._fastdup is not None:
+            self._refuse_export()
+        return super().forward(batch, *args, **kwargs)
+
+    def _refuse_export(self) -> None:
+        msg = (
+            "TileOutlier with backend='fastdup' cannot be exported: fastdup's embedding model runs outside torch. "
+            "Use backend='torch' (the default) for OpenVINO/ONNX export."
+        )
+        raise NotImplementedError(msg)
+
+    def to_onnx(self, *args, **kwargs) -> Any:  # noqa: ANN401
+        if self._fastdup is not None:
+            self._refuse_export()
+        return super().to_onnx(*args, **kwargs)
+
+    def to_openvino(self, *args, **kwargs) -> Any:  # noqa: ANN401
+        if self._fastdup is not None:
+            self._refuse_export()
+        return super().to_openvino(*args, **kwargs)

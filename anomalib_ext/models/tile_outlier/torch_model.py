@@ -1,0 +1,258 @@
+"""TileOutlier in pure torch: tile embeddings, nearest-neighbour outlier scores, scores painted back.
+
+Everything that depends on the image size (tile grid, pooling, crop sampling and painting matrices) is fixed
+at construction from ``image_size``, and everything learned (the memory bank) is a buffer, so the eval forward
+is a fixed graph that exports to OpenVINO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.models.components import DynamicBufferMixin
+from anomalib.models.components.feature_extractors import dryrun_find_featuremap_dims
+from anomalib.models.components.filters import GaussianBlur2d
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_ext.models.components import DEFAULT_BACKBONE, build_feature_extractor
+from anomalib_ext.models.components.memory_bank import greedy_coreset_indices, grouped_greedy_coreset_indices
+from anomalib_ext.models.components.tiling import TileGrid, paint_tile_scores
+
+EMBED_MODES = ("pool", "crop")
+# the similarity given to padding outside the grid: below any cosine similarity, so never a nearest neighbour
+_OUTSIDE_GRID = -4.0
+
+
+def build_tile_grid(
+    image_size: tuple[int, int], num_parts: int | None, tile_size: int | None, stride: int | None
+) -> TileGrid:
+    """The grid from either ``num_parts`` or ``tile_size`` (+ ``stride``); exactly one must be given."""
+    if (num_parts is None) == (tile_size is None):
+        msg = f"give exactly one of num_parts or tile_size, got num_parts={num_parts}, tile_size={tile_size}"
+        raise ValueError(msg)
+    if num_parts is not None:
+        if stride is not None:
+            msg = "stride only applies with tile_size; num_parts tiles do not overlap"
+            raise ValueError(msg)
+        return TileGrid.from_num_parts(image_size, num_parts)
+    return TileGrid.from_tile_size(image_size, tile_size, stride)
+
+
+class TileOutlierModel(DynamicBufferMixin, nn.Module):
+    """Embed every tile, score it by ``1 - cosine`` similarity to its nearest normal tiles.
+
+    Args:
+        image_size: ``(H, W)`` of the (pre-processed) input; fixes the tile geometry.
+        num_parts: ``N`` for an ``N x N`` grid of non-overlapping tiles.
+        tile_size: side of square tiles (instead of ``num_parts``).
+        stride: step between tiles; ``< tile_size`` overlaps them. Defaults to ``tile_size``.
+        embed: ``"pool"`` runs the backbone once and averages its feature maps over each tile;
+            ``"crop"`` resamples each tile to ``crop_size`` and embeds it on its own.
+        backbone: timm backbone name; layers: its feature layers used for the embedding.
+        crop_size: side of the resampled crops in ``embed="crop"`` (defaults to the largest tile side).
+        position_aware: compare a tile only with bank tiles at grid positions within ``neighbourhood``.
+        neighbourhood: radius, in grid positions, of the neighbours a position-aware tile is compared with.
+        num_neighbors: ``k``: the score is ``1 -`` the mean similarity of the ``k`` nearest bank tiles.
+        max_bank_size: cap on the number of bank tiles (over all positions), reached by a k-center coreset.
+        smoothing_sigma: Gaussian smoothing of the painted map, in pixels (0 disables it).
+        tile_chunk: tiles processed at once when scoring or cropping, bounding memory.
+    """
+
+    def __init__(
+        self,
+        image_size: tuple[int, int] = (256, 256),
+        num_parts: int | None = None,
+        tile_size: int | None = 32,
+        stride: int | None = 8,
+        embed: str = "pool",
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
+        pre_trained: bool = True,
+        crop_size: int | None = None,
+        position_aware: bool = True,
+        neighbourhood: int = 1,
+        num_neighbors: int = 1,
+        max_bank_size: int = 60_000,
+        smoothing_sigma: float = 4.0,
+        tile_chunk: int = 256,
+    ) -> None:
+        super().__init__()
+        if embed not in EMBED_MODES:
+            msg = f"embed must be one of {EMBED_MODES}, got '{embed}'"
+            raise ValueError(msg)
+        for name, value in (
+            ("num_neighbors", num_neighbors),
+            ("max_bank_size", max_bank_size),
+            ("tile_chunk", tile_chunk),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                msg = f"{name} must be a positive integer, got {value!r}"
+                raise ValueError(msg)
+        if not isinstance(neighbourhood, int) or neighbourhood < 0:
+            msg = f"neighbourhood must be a non-negative integer, got {neighbourhood!r}"
+            raise ValueError(msg)
+        if smoothing_sigma < 0:
+            msg = f"smoothing_sigma must be >= 0, got {smoothing_sigma}"
+            raise ValueError(msg)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.grid = build_tile_grid(self.image_size, num_parts, tile_size, stride)
+        self.embed_mode = embed
+        self.layers = list(layers)
+        self.position_aware = position_aware
+        self.neighbourhood = neighbourhood if position_aware else 0
+        self.num_neighbors = num_neighbors
+        self.max_bank_size = max_bank_size
+        self.tile_chunk = tile_chunk
+        # replaces the backbone embedding (fastdup backend): a plain attribute, so never part of an export
+        self.external_embedder: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+        self.feature_extractor = build_feature_extractor(backbone, self.layers, pre_trained=pre_trained)
+        rows, cols = self.grid.shape
+        if embed == "pool":
+            dims = dryrun_find_featuremap_dims(self.feature_extractor, self.image_size, self.layers)
+            for index, layer in enumerate(self.layers):
+                row_pool, col_pool = self.grid.pooling_matrices(tuple(dims[layer]["resolution"]))
+                self.register_buffer(f"row_pool_{index}", row_pool, persistent=False)
+                self.register_buffer(f"col_pool_{index}", col_pool, persistent=False)
+        else:
+            sides = [end - start for start, end in (*self.grid.row_bands, *self.grid.col_bands)]
+            self.crop_size = int(crop_size or max(sides))
+            self.register_buffer("crop_grid", self._crop_sampling_grid(), persistent=False)
+        row_member, col_member = self.grid.painting_matrices()
+        self.register_buffer("row_member", row_member, persistent=False)
+        self.register_buffer("col_member", col_member, persistent=False)
+        self.blur = GaussianBlur2d(sigma=smoothing_sigma, channels=1) if smoothing_sigma > 0 else nn.Identity()
+
+        # bank: (rows + 2r, cols + 2r, M, D) position-aware (zero padding outside the grid), else (M, D)
+        self.memory_bank: torch.Tensor
+        self.outside_grid: torch.Tensor
+        self.register_buffer("memory_bank", torch.empty(0))
+        pad = self.neighbourhood
+        outside = torch.full((rows + 2 * pad, cols + 2 * pad), _OUTSIDE_GRID)
+        outside[pad : pad + rows, pad : pad + cols] = 0
+        self.register_buffer("outside_grid", outside if position_aware else torch.zeros(0), persistent=False)
+
+    # ------------------------------------------------------------------------------------------ embedding
+    def _crop_sampling_grid(self) -> torch.Tensor:
+        """``(1, T * crop, crop, 2)`` normalised sampling positions of every tile's crop, for ``grid_sample``."""
+        height, width = self.image_size
+        steps = (torch.arange(self.crop_size, dtype=torch.float64) + 0.5) / self.crop_size
+        grids = []
+        for y0, y1 in self.grid.row_bands:
+            for x0, x1 in self.grid.col_bands:
+                ys = (y0 + steps * (y1 - y0)) / height * 2 - 1
+                xs = (x0 + steps * (x1 - x0)) / width * 2 - 1
+                yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+                grids.append(torch.stack((xx, yy), -1))
+        return torch.cat(grids, 0)[None].float()
+
+    @staticmethod
+    def _normalise_and_join(per_layer: list[torch.Tensor]) -> torch.Tensor:
+        """L2-normalise each layer's embedding (so each counts equally), concatenate, normalise again."""
+        joined = torch.cat([F.normalize(embedding, dim=-1) for embedding in per_layer], -1)
+        return F.normalize(joined, dim=-1)
+
+    def _embed_pool(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.feature_extractor(images)
+        per_layer = []
+        for index, layer in enumerate(self.layers):
+            row_pool = getattr(self, f"row_pool_{index}")
+            col_pool = getattr(self, f"col_pool_{index}")
+            pooled = row_pool @ features[layer] @ col_pool.T  # (B, C, rows, cols)
+            per_layer.append(pooled.permute(0, 2, 3, 1))
+        return self._normalise_and_join(per_layer)
+
+    def _embed_crop(self, images: torch.Tensor) -> torch.Tensor:
+        batch = images.shape[0]
+        rows, cols = self.grid.shape
+        crop = self.crop_size
+        embeddings = []
+        for start in range(0, self.grid.num_tiles, self.tile_chunk):  # fixed by the grid, not by the data
+            stop = min(start + self.tile_chunk, self.grid.num_tiles)
+            sampling = self.crop_grid[:, start * crop : stop * crop].expand(batch, -1, -1, -1)
+            crops = F.grid_sample(images, sampling, mode="bilinear", align_corners=False)  # (B, C, n*crop, crop)
+            crops = crops.view(batch, images.shape[1], stop - start, crop, crop).transpose(1, 2)
+            features = self.feature_extractor(crops.reshape(-1, images.shape[1], crop, crop))
+            per_layer = [features[layer].mean((2, 3)).view(batch, stop - start, -1) for layer in self.layers]
+            embeddings.append(self._normalise_and_join(per_layer))
+        return torch.cat(embeddings, 1).view(batch, rows, cols, -1)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, rows, cols, D)`` unit-norm tile embeddings."""
+        if self.external_embedder is not None:
+            return self.external_embedder(images).to(images.device)
+        return self._embed_pool(images) if self.embed_mode == "pool" else self._embed_crop(images)
+
+    # -------------------------------------------------------------------------------------------- scoring
+    def _top_similarities(self, similarities: torch.Tensor) -> torch.Tensor:
+        return similarities.topk(min(self.num_neighbors, similarities.shape[-1]), dim=-1).values
+
+    def tile_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``(B, rows, cols)`` outlier scores: ``1 -`` mean cosine similarity of the ``k`` nearest bank tiles."""
+        batch, rows, cols, dim = embeddings.shape
+        if self.position_aware:
+            nearest = []
+            span = 2 * self.neighbourhood + 1
+            by_position = embeddings.permute(1, 2, 0, 3).reshape(rows * cols, batch, dim)
+            for dy in range(span):
+                for dx in range(span):
+                    bank = self.memory_bank[dy : dy + rows, dx : dx + cols].reshape(rows * cols, -1, dim)
+                    similarity = by_position @ bank.transpose(1, 2)  # (P, B, M)
+                    similarity = similarity + self.outside_grid[dy : dy + rows, dx : dx + cols].reshape(-1, 1, 1)
+                    nearest.append(self._top_similarities(similarity))
+            top = self._top_similarities(torch.cat(nearest, -1))  # (P, B, k)
+            scores = 1 - top.mean(-1)
+            return scores.T.reshape(batch, rows, cols)
+        flat = embeddings.reshape(batch, rows * cols, dim)
+        chunks = []
+        for start in range(0, rows * cols, self.tile_chunk):  # fixed by the grid, not by the data
+            similarity = flat[:, start : start + self.tile_chunk] @ self.memory_bank.T
+            chunks.append(1 - self._top_similarities(similarity).mean(-1))
+        return torch.cat(chunks, 1).view(batch, rows, cols)
+
+    def scores_to_batch(self, scores: torch.Tensor) -> InferenceBatch:
+        """Paint tile scores back, smooth; the image score is the highest tile."""
+        anomaly_map = paint_tile_scores(scores, self.row_member, self.col_member).unsqueeze(1)
+        return InferenceBatch(pred_score=scores.amax((1, 2)), anomaly_map=self.blur(anomaly_map))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
+        """Training: tile embeddings ``(B, rows, cols, D)`` for the bank. Eval: ``InferenceBatch``."""
+        embeddings = self.embed(images)
+        if self.training:
+            return embeddings
+        if self.memory_bank.numel() == 0:  # a shape, fixed when traced: not data-dependent
+            msg = "TileOutlier has an empty memory bank: fit it on normal images before inference"
+            raise RuntimeError(msg)
+        return self.scores_to_batch(self.tile_scores(embeddings))
+
+    # ---------------------------------------------------------------------------------------------- fitting
+    @torch.no_grad()
+    def fit_bank(self, embeddings: torch.Tensor) -> None:
+        """Build the capped bank from ``(N, rows, cols, D)`` normal tile embeddings."""
+        if embeddings.ndim != 4 or tuple(embeddings.shape[1:3]) != self.grid.shape:
+            rows, cols = self.grid.shape
+            msg = f"expected (N, {rows}, {cols}, D) tile embeddings, got {tuple(embeddings.shape)}"
+            raise ValueError(msg)
+        count, rows, cols, dim = embeddings.shape
+        if self.position_aware:
+            per_position = max(1, self.max_bank_size // (rows * cols))
+            grouped = embeddings.permute(1, 2, 0, 3).reshape(rows * cols, count, dim)
+            picked = grouped_greedy_coreset_indices(grouped, per_position)  # (P, M)
+            bank = torch.gather(grouped, 1, picked[..., None].expand(-1, -1, dim)).view(rows, cols, -1, dim)
+            pad = self.neighbourhood
+            self.memory_bank = F.pad(bank, (0, 0, 0, 0, pad, pad, pad, pad)).contiguous()
+        else:
+            flat = embeddings.reshape(-1, dim)
+            self.memory_bank = flat[greedy_coreset_indices(flat, self.max_bank_size)].contiguous()
+
+    @property
+    def bank_tiles(self) -> int:
+        """Number of real (non-padding) tiles in the bank."""
+        if self.memory_bank.numel() == 0:
+            return 0
+        if self.position_aware:
+            return self.grid.num_tiles * self.memory_bank.shape[2]
+        return self.memory_bank.shape[0]

@@ -1,0 +1,1 @@
+"""Robustness suite: bad input, faults, deployment parity and determinism (issue 8)."""

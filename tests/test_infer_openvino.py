@@ -1,0 +1,115 @@
+"""The edge tool: no torch, no anomalib, same answers as anomalib's OpenVINOInferencer."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "infer_openvino.py"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, mvtec_root: Path) -> Path:
+    """A small trained and exported model (anomalib's Padim on our offline backbone: fast to fit)."""
+    from anomalib.data import MVTecAD
+    from anomalib.deploy import ExportType
+    from anomalib.engine import Engine
+    from anomalib.models import Padim
+
+    from anomalib_ext.models.components import EXPORT_OPSET
+    from anomalib_ext.weights import ensure_pretrained
+
+    ensure_pretrained("tf_efficientnet_lite0")
+    workdir = tmp_path_factory.mktemp("edge")
+    model = Padim(backbone="tf_efficientnet_lite0", layers=["blocks.1", "blocks.2"], n_features=20)
+    datamodule = MVTecAD(root=mvtec_root, category="synthetic", num_workers=0, val_split_mode="from_test", seed=0)
+    engine = Engine(default_root_dir=workdir, accelerator="cpu", logger=False, enable_progress_bar=False)
+    engine.fit(model=model, datamodule=datamodule)
+    return Path(
+        engine.export(
+            model=model,
+            export_type=ExportType.OPENVINO,
+            export_root=workdir / "export",
+            input_size=(128, 128),
+            onnx_kwargs={"opset_version": EXPORT_OPSET},
+        )
+    )
+
+
+def test_tool_imports_neither_torch_nor_anomalib() -> None:
+    probe = (
+        "import sys, runpy; sys.argv=['x','--help']\n"
+        f"try:\n    runpy.run_path({str(TOOL)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "heavy = {'torch', 'anomalib', 'anomalib_ext', 'lightning'}\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "print('BAD', bad)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "BAD []" in result.stdout, result.stdout[-500:]
+
+
+def test_same_scores_as_anomalib_inferencer(exported: Path, mvtec_root: Path, tmp_path: Path) -> None:
+    from anomalib.deploy import OpenVINOInferencer
+
+    test_dir = mvtec_root / "synthetic" / "test"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.png").write_bytes(b"this is not a png")
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    for path in sorted(test_dir.rglob("*.png"))[::3]:
+        (tmp_path / "in" / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--model", str(exported), "--input", str(tmp_path / "in"), "--output", str(output)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "broken.png" in result.stderr and "empty.png" in result.stderr
+    rows = list(csv.DictReader((output / "predictions.csv").open()))
+    errors = list(csv.DictReader((output / "errors.csv").open()))
+    assert {Path(row["image"]).name for row in errors} == {"broken.png", "empty.png"}
+    inferencer = OpenVINOInferencer(path=exported, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    assert len(rows) == len(list((tmp_path / "in").iterdir())) - 2
+    for row in rows:
+        expected = inferencer.predict(row["image"])
+        assert abs(float(row["score"]) - float(np.ravel(expected.pred_score)[0])) < 1e-4, row["image"]
+        assert int(row["label"]) == int(bool(np.ravel(expected.pred_label)[0]))
+        assert (output / "overlays" / (Path(row["image"]).stem + ".png")).is_file()
+
+
+def test_refuses_to_overwrite_a_previous_run(exported: Path, mvtec_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "previous.csv").write_text("keep me")
+    image = next((mvtec_root / "synthetic" / "test" / "good").glob("*.png"))
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--model", str(exported), "--input", str(image), "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "not empty" in result.stderr
+    assert (tmp_path / "previous.csv").read_text() == "keep me"
+
+
+def test_clear_error_for_missing_model_and_empty_folder(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--model",
+            str(tmp_path / "nope.xml"),
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "nope.xml" in result.stderr and "Traceback" not in result.stderr

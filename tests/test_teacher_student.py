@@ -1,0 +1,105 @@
+"""TeacherStudent beyond the shared harness: map maths, argument errors, both stages, single-template mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+
+from anomalib_ext.data.synthetic import make_mvtec_dataset
+from anomalib_ext.models import TeacherStudent
+from anomalib_ext.models.teacher_student.anomaly_map import cosine_anomaly_map
+from anomalib_ext.models.teacher_student.template import SingleTemplateDataset
+
+IMAGE_SIZE = 64
+
+
+def test_cosine_map_is_zero_where_features_agree_and_combines_by_mode() -> None:
+    teacher = [torch.randn(2, 8, 4, 4), torch.randn(2, 16, 2, 2)]
+    assert cosine_anomaly_map(teacher, teacher, (8, 8), "mul").abs().max() < 1e-5
+    assert cosine_anomaly_map(teacher, teacher, (8, 8), "sum").abs().max() < 1e-5
+    # student disagrees on layer 0 only (opposite direction: distance 2): product stays 0, sum reaches 2
+    student = [-teacher[0], teacher[1]]
+    assert cosine_anomaly_map(teacher, student, (8, 8), "mul").abs().max() < 1e-5
+    summed = cosine_anomaly_map(teacher, student, (8, 8), "sum")
+    assert summed.shape == (2, 1, 8, 8)
+    assert torch.allclose(summed, torch.full_like(summed, 2.0), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "names"),
+    [
+        ({"amap_mode": "max"}, ValueError, "amap_mode"),
+        ({"teacher_epochs": -1}, ValueError, "teacher_epochs"),
+        ({"defect_weight": -1.0}, ValueError, "defect_weight"),
+        ({"single_template": "/no/such/good.png"}, FileNotFoundError, "/no/such/good.png"),
+        ({"histaugan_checkpoint": "/no/such/generator.pt"}, FileNotFoundError, "/no/such/generator.pt"),
+        ({"image_size": (64, 64, 3)}, ValueError, "image_size"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict, error: type[Exception], names: str) -> None:
+    with pytest.raises(error, match=names):
+        TeacherStudent(**kwargs)
+
+
+def test_unreadable_template_is_named(tmp_path: Path) -> None:
+    broken = tmp_path / "good.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="good.png"):
+        SingleTemplateDataset(broken, 4, variation=TeacherStudent(image_size=64).variation)
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ts_mvtec")
+    make_mvtec_dataset(root, image_size=IMAGE_SIZE, n_train=8, n_test_good=6, n_test_per_defect=2, seed=3)
+    return root
+
+
+def test_single_template_trains_both_stages_and_localises_planted_defects(synthetic_root: Path, tmp_path: Path) -> None:
+    """One good image -> teacher fine-tuned, then frozen; student trained; defects found where they are."""
+    torch.manual_seed(0)
+    template = synthetic_root / "synthetic" / "train" / "good" / "000.png"
+    model = TeacherStudent(
+        image_size=IMAGE_SIZE, teacher_epochs=1, single_template=str(template), samples_per_epoch=48, blur_sigma=1.0
+    )
+    teacher_before = [p.detach().clone() for p in model.model.teacher.parameters()]
+    datamodule = MVTecAD(
+        root=synthetic_root, category="synthetic", train_batch_size=8, eval_batch_size=8, num_workers=0, seed=0
+    )
+    engine = Engine(
+        max_epochs=5, default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False
+    )
+    engine.fit(model=model, datamodule=datamodule)
+
+    # the datamodule trained on the template's variations, not on its 8 train images
+    assert isinstance(datamodule.train_data, SingleTemplateDataset)
+    assert len(datamodule.train_data) == 48
+    # stage 1 changed the teacher, stage 2 froze it
+    changed = [not torch.equal(a, b) for a, b in zip(teacher_before, model.model.teacher.parameters(), strict=True)]
+    assert any(changed), "teacher fine-tuning did not change the teacher"
+    assert not any(p.requires_grad for p in model.model.teacher.parameters())
+
+    predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
+    scores = torch.cat([batch.pred_score.flatten() for batch in predictions]).numpy()
+    labels = torch.cat([batch.gt_label.flatten() for batch in predictions]).numpy().astype(bool)
+    maps = torch.cat([batch.anomaly_map.reshape(len(batch.pred_score), -1) for batch in predictions])
+    masks = torch.cat([batch.gt_mask.reshape(len(batch.pred_score), -1) for batch in predictions]).bool()
+
+    from sklearn.metrics import roc_auc_score
+
+    image_auroc = roc_auc_score(labels, scores)
+    assert image_auroc >= 0.85, f"image AUROC {image_auroc:.3f} from one template"
+    pixel_auroc = roc_auc_score(masks[labels].flatten().numpy(), maps[labels].flatten().numpy())
+    assert pixel_auroc >= 0.85, f"pixel AUROC {pixel_auroc:.3f} on defective images"
+    # localisation: on most defective images the hottest pixel lies on (or next to) the planted defect
+    hits = []
+    for flat_map, flat_mask in zip(maps[labels], masks[labels], strict=True):
+        mask = flat_mask.view(1, 1, IMAGE_SIZE, IMAGE_SIZE).float()
+        near = torch.nn.functional.max_pool2d(mask, kernel_size=7, stride=1, padding=3).flatten() > 0
+        hits.append(bool(near[flat_map.argmax()]))
+    assert np.mean(hits) >= 0.6, f"hottest pixel on the defect in only {np.mean(hits):.0%} of defective images"

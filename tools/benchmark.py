@@ -1,0 +1,385 @@
+"""Compare anomaly models on your own datasets in one command: accuracy, speed, memory, exported size, plots.
+
+Every (dataset, model) cell runs in its own process with a time limit; each finished cell is saved at once,
+so a long run can be stopped and resumed (``--resume DIR``) and a failing or hung model is recorded with its
+error while the others continue. See ``docs/benchmark.md``.
+
+Examples::
+
+    .venv/bin/python tools/benchmark.py --quick
+    .venv/bin/python tools/benchmark.py --dataset ../shared/data/mvtec_ad/bottle --dataset ../shared/data/dice \\
+        --model padim --model patchcore --model configs/tile_outlier/mvtec.yaml --time-limit 900
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmarking.datasets import prepare_dice_split  # noqa: E402
+from benchmarking.report import write_reports  # noqa: E402
+from benchmarking.specs import (  # noqa: E402
+    REPO_ROOT,
+    DatasetSpec,
+    SpecError,
+    cell_id,
+    parse_dataset,
+    parse_model,
+    resolve_config_family,
+)
+
+DEFAULT_MODELS = ("padim", "patchcore", "stfpm", "dfkde", "dfm")
+QUICK_MODELS = ("padim", "dfm")
+MANIFEST = "benchmark.json"
+# settings that change the numbers: a resumed run must use the same ones
+RESULT_SETTINGS = ("image_size", "max_epochs", "seed", "batch_size", "speed_images", "openvino", "quick", "threads")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        help="[label=]PATH[:{yaml options}] in MVTec, folder or dice layout (repeatable). Options: image_size, "
+        "val_split_ratio; dice also train_per_class, val_normal_per_class, test_normal_per_class, "
+        "max_anomalies_per_split, val_sessions, test_sessions",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="[label=]MODEL[:{yaml init args}]: a short name (padim, patchcore, stfpm, dfkde, dfm: offline "
+        "tf_efficientnet_lite0 settings), a class path, a config file, or a configs/<family> name (repeatable; "
+        f"default: {', '.join(DEFAULT_MODELS)})",
+    )
+    parser.add_argument("--out", type=Path, help="results folder (default: results/benchmark/<UTC time>)")
+    parser.add_argument("--resume", type=Path, help="continue the run in this results folder; done cells are kept")
+    parser.add_argument("--retry-failed", action="store_true", help="on --resume, also rerun failed/timed-out cells")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="with --resume: rebuild results.csv/.md and plots from the finished cells, run nothing",
+    )
+    parser.add_argument("--quick", action="store_true", help="synthetic MVTec-layout data, padim + dfm, small")
+    parser.add_argument("--time-limit", type=float, default=1200.0, help="seconds per cell before it is killed")
+    parser.add_argument("--image-size", type=int, help="resize side for every model (default: each model's own)")
+    parser.add_argument(
+        "--max-epochs",
+        type=int,
+        default=10,
+        help="epochs for gradient-trained models; configs asking for more are capped to this (default 10)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--speed-images", type=int, default=32, help="test images timed at batch size 1")
+    parser.add_argument("--visuals", type=int, default=4, help="visualizer images saved per cell")
+    parser.add_argument("--no-openvino", action="store_true", help="skip OpenVINO export and timing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch and OpenVINO in each cell (default 1: on a shared machine more threads "
+        "spin-wait and distort every speed)",
+    )
+    parser.add_argument("--run-cell", type=Path, help=argparse.SUPPRESS)  # internal: child process entry point
+    args = parser.parse_args(argv)
+    for name in ("time_limit", "max_epochs", "batch_size", "speed_images", "threads"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.image_size is not None and args.image_size < 32:
+        parser.error(f"--image-size must be at least 32 pixels, got {args.image_size}")
+    if args.visuals < 0:
+        parser.error(f"--visuals must be >= 0, got {args.visuals}")
+    if args.report_only and not args.resume:
+        parser.error("--report-only needs --resume DIR (the results folder to rebuild)")
+    if args.resume and args.out and args.resume.resolve() != args.out.resolve():
+        parser.error("give either --resume DIR or --out DIR, not two different folders")
+    return args
+
+
+def machine_description() -> dict[str, Any]:
+    """What the speeds were measured on; the load average matters on a shared machine."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average_1_5_15": [round(value, 2) for value in load],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gpu": "none used (accelerator=cpu)",
+    }
+
+
+def settings_from(args: argparse.Namespace) -> dict[str, Any]:
+    quick = bool(args.quick)
+    return {
+        "image_size": args.image_size or (128 if quick else None),
+        "max_epochs": 1 if quick else args.max_epochs,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "speed_images": 8 if quick else args.speed_images,
+        "n_visuals": 2 if quick else args.visuals,
+        "openvino": not args.no_openvino,
+        "quick": quick,
+        "time_limit": args.time_limit,
+        "threads": args.threads,
+    }
+
+
+def choose_out_dir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The results folder and whether it continues an earlier run; never reuse a folder silently."""
+    if args.resume:
+        out = args.resume
+        if not (out / MANIFEST).is_file():
+            msg = f"--resume {out}: no {MANIFEST} there, so it is not a benchmark results folder"
+            raise SpecError(msg)
+        return out, True
+    if args.out:
+        if args.out.exists() and any(args.out.iterdir()):
+            msg = f"--out {args.out} already exists and is not empty; pass --resume {args.out} to continue it"
+            raise SpecError(msg)
+        return args.out, False
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = REPO_ROOT / "results" / "benchmark" / stamp
+    suffix = 1
+    while out.exists():
+        out = REPO_ROOT / "results" / "benchmark" / f"{stamp}-{suffix}"
+        suffix += 1
+    return out, False
+
+
+def prepare_datasets(specs: list[DatasetSpec], out: Path) -> list[dict[str, Any]]:
+    """Dice layouts become explicit split trees (links) under ``out/datasets``; others are used in place."""
+    prepared = []
+    for spec in specs:
+        entry = spec.to_dict()
+        if spec.kind == "dice":
+            destination = out / "datasets" / spec.label
+            split_options = {k: v for k, v in spec.options.items() if k not in ("image_size", "val_split_ratio")}
+            counts = prepare_dice_split(Path(spec.path), destination, split_options)
+            print(f"dataset {spec.label}: dice split under {destination}: {counts}", flush=True)
+            entry.update(kind="split", path=str(destination), source=spec.path, split_counts=counts)
+        prepared.append(entry)
+    return prepared
+
+
+def make_quick_dataset(out: Path) -> DatasetSpec:
+    """Small synthetic MVTec-layout data (planted defects with masks) for the smoke test."""
+    from anomalib_ext.data.synthetic import make_mvtec_dataset
+
+    root = out / "datasets" / "synthetic"
+    category = make_mvtec_dataset(root, category="quick", image_size=128, n_train=30, n_test_good=8)
+    return DatasetSpec(label="synthetic-mvtec", kind="mvtec", path=str(category.resolve()))
+
+
+def resolve_cell_model(model: dict[str, Any], dataset: dict[str, Any]) -> dict[str, Any]:
+    """A model spec with a concrete class path for this dataset (config families pick their config here)."""
+    if not model.get("config_family"):
+        return model
+    kind = "dice" if dataset.get("source") else dataset["kind"]
+    config = resolve_config_family(model["config_family"], kind, dataset["label"])
+    resolved = parse_model(str(config)).to_dict()
+    resolved["label"] = model["label"]
+    resolved["init_args"].update(model["init_args"])
+    return resolved
+
+
+def run_one_cell(cell_dir: Path, spec: dict[str, Any], time_limit: float) -> dict[str, Any]:
+    """Run the cell in a child process group; kill the whole group when it exceeds ``time_limit``."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("result.json", "partial.json"):
+        (cell_dir / stale).unlink(missing_ok=True)
+    spec_path = cell_dir / "cell.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    threads = str(spec["settings"]["threads"])
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    with (cell_dir / "log.txt").open("w") as log:
+        child = subprocess.Popen(  # noqa: S603  (our own interpreter and script)
+            [sys.executable, str(Path(__file__).resolve()), "--run-cell", str(spec_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=environment,
+        )
+        try:
+            child.wait(timeout=time_limit)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            timed_out = True
+        except BaseException:  # Ctrl-C or SIGTERM of the parent: take the cell (its own session) down too
+            os.killpg(child.pid, signal.SIGKILL)
+            raise
+    result_path = cell_dir / "result.json"
+    if result_path.is_file() and not timed_out:
+        return json.loads(result_path.read_text())
+    partial_path = cell_dir / "partial.json"
+    result = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
+    result.update(dataset=spec["dataset"]["label"], model=spec["model"]["label"])
+    stage = result.get("stage", "setup")
+    if timed_out:
+        result.update(status="timeout", error=f"killed after the {time_limit:.0f} s time limit in stage '{stage}'")
+    else:
+        tail = (cell_dir / "log.txt").read_text(errors="replace").strip().splitlines()[-5:]
+        result.update(
+            status="error", error=f"cell process exited with code {child.returncode} in stage '{stage}': {tail}"
+        )
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    if result.get("status") != "ok":
+        return f"{result.get('status')}: {str(result.get('error', '')).splitlines()[0][:200]}"
+    parts = [f"image AUROC {result['image_auroc']:.3f}"]
+    if result.get("image_f1") is not None:
+        parts.append(f"F1 {result['image_f1']:.3f}")
+    if result.get("pixel_auroc") is not None:
+        parts.append(f"pixel AUROC {result['pixel_auroc']:.3f}")
+    parts.append(f"fit {result['fit_seconds']:.1f} s")
+    if result.get("openvino_images_per_s"):
+        parts.append(f"OpenVINO {result['openvino_images_per_s']:.1f} img/s")
+    return "ok: " + ", ".join(parts)
+
+
+def header_lines(manifest: dict[str, Any]) -> list[str]:
+    machine = manifest["machine"]
+    settings = manifest["settings"]
+    return [
+        "# Benchmark results",
+        "",
+        f"- Command: `{manifest['command']}`",
+        f"- Started: {manifest['started']} (UTC)",
+        *(f"- Resumed {entry['at']} (UTC): `{entry['command']}`" for entry in manifest.get("resumed", [])),
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, no GPU; load average at start "
+        f"{machine['load_average_1_5_15']} — shared with other jobs, so speeds are pessimistic and noisy",
+        f"- Settings: image size {settings['image_size'] or 'model default'}, max epochs "
+        f"{settings['max_epochs']} (gradient models), speed on {settings['speed_images']} test images at "
+        f"batch size 1 with {settings['threads']} CPU thread(s) for torch and OpenVINO, time limit "
+        f"{settings['time_limit']:.0f} s per cell",
+        "- Image F1 uses the threshold the PostProcessor chose on the validation split (never the test split); "
+        "peak RSS is the cell process's max resident memory (fit, test, export and OpenVINO inference)",
+    ]
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command as typed, quoted so it can be pasted back into a shell."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "tools/benchmark.py", *arguments])
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    """Turn SIGTERM into KeyboardInterrupt so the running cell is killed with the parent."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run_cell:
+        from benchmarking.cell import run_cell
+
+        return run_cell(args.run_cell)
+    try:
+        out, resuming = choose_out_dir(args)
+        settings = settings_from(args)
+        manifest_path = out / MANIFEST
+        if resuming:
+            manifest = json.loads(manifest_path.read_text())
+            changed = [
+                f"{key}: was {manifest['settings'].get(key)!r}, now {settings.get(key)!r}"
+                for key in RESULT_SETTINGS
+                if manifest["settings"].get(key) != settings.get(key)
+            ]
+            if changed:
+                msg = f"--resume {out}: settings differ from the original run ({'; '.join(changed)})"
+                raise SpecError(msg)
+            manifest["settings"]["time_limit"] = settings["time_limit"]
+            manifest.setdefault("resumed", []).append(
+                {"command": command_line(argv), "at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M")}
+            )
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            manifest = {
+                "command": command_line(argv),
+                "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+                "machine": machine_description(),
+                "settings": settings,
+                "datasets": [],
+                "models": [],
+            }
+        if args.dataset or args.model or not resuming:
+            models = [parse_model(text) for text in (args.model or (QUICK_MODELS if args.quick else DEFAULT_MODELS))]
+            if args.quick and not args.dataset:
+                dataset_specs = [make_quick_dataset(out)]
+            else:
+                dataset_specs = [parse_dataset(text) for text in args.dataset]
+            if not dataset_specs:
+                msg = "no --dataset given (or use --quick for synthetic data)"
+                raise SpecError(msg)
+            manifest["datasets"] = prepare_datasets(dataset_specs, out)
+            manifest["models"] = [model.to_dict() for model in models]
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+    except (SpecError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    cells = [(dataset, model) for dataset in manifest["datasets"] for model in manifest["models"]]
+    order = [cell_id(dataset["label"], model["label"]) for dataset, model in cells]
+    print(f"benchmark: {len(cells)} cells -> {out}", flush=True)
+    started = time.perf_counter()
+    for index, (dataset, model) in enumerate(cells, start=1):
+        name = order[index - 1]
+        cell_dir = out / "cells" / name
+        previous = cell_dir / "result.json"
+        prefix = f"[{index}/{len(cells)}] {dataset['label']} x {model['label']}"
+        if args.report_only:
+            continue
+        if previous.is_file():
+            status = json.loads(previous.read_text()).get("status")
+            if status == "ok" or not args.retry_failed:
+                print(f"{prefix}: kept from earlier run ({status})", flush=True)
+                continue
+        print(f"{prefix}: running (limit {settings['time_limit']:.0f} s) ...", flush=True)
+        spec = {"cell_dir": str(cell_dir.resolve()), "dataset": dataset, "settings": manifest["settings"]}
+        try:
+            spec["model"] = resolve_cell_model(model, dataset)
+        except SpecError as error:
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            result = {**{"dataset": dataset["label"], "model": model["label"]}, "status": "error", "error": str(error)}
+            previous.write_text(json.dumps(result, indent=2))
+        else:
+            result = run_one_cell(cell_dir, spec, settings["time_limit"])
+        elapsed = time.perf_counter() - started
+        print(f"{prefix}: {summary(result)} [{elapsed / 60:.1f} min elapsed]", flush=True)
+        write_reports(out, header_lines(manifest), order)
+    rows = write_reports(out, header_lines(manifest), order)
+    failed = [row for row in rows if row.get("status") != "ok"]
+    print(f"done: {len(rows) - len(failed)} ok, {len(failed)} failed; see {out / 'results.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

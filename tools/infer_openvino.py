@@ -1,0 +1,194 @@
+"""Run an exported anomalib(-ext) OpenVINO model over images, on the edge device.
+
+Imports only OpenVINO, NumPy and OpenCV (no torch, no anomalib), so it runs where only
+``pip install openvino opencv-python-headless numpy`` is possible. Writes, under ``--output``:
+
+- ``predictions.csv``: one row per image (path, score, label), flushed as it goes;
+- ``masks/<name>.png``: the binary predicted mask (when the model predicts one);
+- ``overlays/<name>.png``: the image with the anomaly map as a heat map and the mask outlined;
+- ``errors.csv``: images that could not be read, with the reason (they are skipped, not fatal).
+
+Example::
+
+    python tools/infer_openvino.py --model results/demo/export/weights/openvino/model.xml \\
+        --input datasets/demo/synthetic/test --output results/demo/edge
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openvino as ov
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class InferenceError(RuntimeError):
+    """A problem the user can fix; the message names the file."""
+
+
+@dataclass
+class Prediction:
+    score: float
+    label: bool
+    anomaly_map: np.ndarray | None
+    mask: np.ndarray | None
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Any readable image as 8-bit RGB (grayscale, palette, RGBA and 16-bit are converted, like anomalib)."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        msg = f"{path}: empty file (0 bytes)"
+        raise InferenceError(msg)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        msg = f"{path}: not a readable image (corrupt, truncated, or not an image format OpenCV reads)"
+        raise InferenceError(msg)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def iter_images(source: Path) -> Iterator[Path]:
+    if source.is_file():
+        yield source
+        return
+    if not source.is_dir():
+        msg = f"{source}: no such file or folder"
+        raise InferenceError(msg)
+    found = False
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            found = True
+            yield path
+    if not found:
+        msg = f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder"
+        raise InferenceError(msg)
+
+
+class EdgeModel:
+    """A compiled OpenVINO anomaly model; ``precision`` f32 gives the same answers as torch."""
+
+    def __init__(self, model_path: Path, device: str = "CPU", precision: str = "f32") -> None:
+        if not model_path.is_file():
+            msg = f"{model_path}: model file not found (expected the model.xml written by anomalib export)"
+            raise InferenceError(msg)
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": precision} if device.upper() == "CPU" else {}
+        try:
+            model = core.read_model(str(model_path))
+        except RuntimeError as error:
+            msg = f"{model_path}: OpenVINO cannot read this model: {error}"
+            raise InferenceError(msg) from error
+        self.compiled = core.compile_model(model, device, config)
+        shape = model.input(0).get_partial_shape()
+        self.input_size = (
+            (shape[2].get_length(), shape[3].get_length()) if shape[2].is_static and shape[3].is_static else None
+        )
+        self.output_names = [next(iter(output.get_names())) for output in self.compiled.outputs]
+
+    def predict(self, rgb: np.ndarray) -> Prediction:
+        if self.input_size is not None and rgb.shape[:2] != self.input_size:
+            rgb = cv2.resize(rgb, self.input_size[::-1], interpolation=cv2.INTER_AREA)
+        tensor = (rgb.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
+        outputs = dict(zip(self.output_names, self.compiled(tensor).to_tuple(), strict=True))
+        anomaly_map = outputs.get("anomaly_map")
+        mask = outputs.get("pred_mask")
+        score = float(np.ravel(outputs["pred_score"])[0])
+        label = bool(np.ravel(outputs["pred_label"])[0]) if "pred_label" in outputs else score >= 0.5
+        return Prediction(
+            score=score,
+            label=label,
+            anomaly_map=None if anomaly_map is None else np.asarray(anomaly_map, np.float32).squeeze(),
+            mask=None if mask is None else np.asarray(mask).squeeze().astype(bool),
+        )
+
+
+def overlay(rgb: np.ndarray, prediction: Prediction) -> np.ndarray:
+    """Heat map of the anomaly map blended over the image, predicted mask outlined, score written."""
+    height, width = rgb.shape[:2]
+    canvas = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    if prediction.anomaly_map is not None:
+        heat = cv2.resize(np.clip(prediction.anomaly_map, 0, 1), (width, height))
+        colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        canvas = cv2.addWeighted(canvas, 0.6, colour, 0.4, 0)
+    if prediction.mask is not None and prediction.mask.any():
+        mask = cv2.resize(prediction.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(canvas, contours, -1, (255, 255, 255), 1)
+    text = f"{'ANOMALY' if prediction.label else 'normal'} {prediction.score:.2f}"
+    cv2.putText(canvas, text, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas
+
+
+def output_name(path: Path, source: Path) -> str:
+    """Unique, flat file name: the path below the input folder with separators replaced."""
+    relative = path.relative_to(source) if source.is_dir() else Path(path.name)
+    return "__".join(relative.with_suffix("").parts) + ".png"
+
+
+def run(model_path: Path, source: Path, output: Path, device: str, precision: str, overwrite: bool) -> int:
+    """Predict every image; return the number of images that failed."""
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        msg = f"{output}: folder exists and is not empty; choose another --output or pass --overwrite"
+        raise InferenceError(msg)
+    model = EdgeModel(model_path, device, precision)
+    (output / "masks").mkdir(parents=True, exist_ok=True)
+    (output / "overlays").mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with (
+        (output / "predictions.csv").open("w", newline="") as handle,
+        (output / "errors.csv").open("w", newline="") as error_handle,
+    ):
+        writer, error_writer = csv.writer(handle), csv.writer(error_handle)
+        writer.writerow(["image", "score", "label"])
+        error_writer.writerow(["image", "error"])
+        for path in iter_images(source):
+            try:
+                rgb = read_rgb(path)
+            except InferenceError as error:
+                failures += 1
+                error_writer.writerow([str(path), str(error)])
+                print(f"skipped: {error}", file=sys.stderr)
+                continue
+            prediction = model.predict(rgb)
+            name = output_name(path, source)
+            writer.writerow([str(path), f"{prediction.score:.6f}", int(prediction.label)])
+            handle.flush()
+            if prediction.mask is not None:
+                cv2.imwrite(str(output / "masks" / name), prediction.mask.astype(np.uint8) * 255)
+            cv2.imwrite(str(output / "overlays" / name), overlay(rgb, prediction))
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="model.xml written by anomalib export")
+    parser.add_argument("--input", type=Path, required=True, help="an image or a folder of images (recursive)")
+    parser.add_argument("--output", type=Path, required=True, help="folder for predictions.csv, masks, overlays")
+    parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, NPU, AUTO")
+    parser.add_argument(
+        "--precision",
+        default="f32",
+        choices=["f32", "bf16", "f16"],
+        help="CPU inference precision; f32 matches torch, bf16 is faster where the CPU has it",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
+    args = parser.parse_args(argv)
+    try:
+        failures = run(args.model, args.input, args.output, args.device, args.precision, args.overwrite)
+    except InferenceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output / 'predictions.csv'}" + (f" ({failures} unreadable images skipped)" if failures else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
