@@ -38,6 +38,8 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
+from .validation import check_dice_layout
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIR = "good"
 _SESSION = re.compile(r"(?<!\d)([0-3]\d_[01]\d_2\d)(?!\d)")  # dd_mm_yy, e.g. 16_09_21
@@ -243,6 +245,8 @@ class Dice(AnomalibDataModule):
         return {"train": train, "val": val, "test": test}
 
     def _setup(self, _stage: str | None = None) -> None:
+        # fail early, naming every bad file, instead of anomalib's "image file is truncated" mid-epoch
+        check_dice_layout(self.root)
         tables = self.split_samples()
         self.train_data = DiceDataset(tables["train"], "train")
         self.test_data = DiceDataset(tables["test"], "test")
