@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .sizes import as_pair
 from .ssim import gaussian_window, ssim_map
 
 
@@ -56,15 +57,6 @@ def _up_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-def _as_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    if len(image_size) != 2:
-        msg = f"image_size must be an int or (height, width), got {image_size!r}"
-        raise ValueError(msg)
-    return int(image_size[0]), int(image_size[1])
-
-
 class ConvAutoencoder(nn.Module):
     """Convolutional autoencoder with a dense bottleneck of ``latent_dim`` numbers (optionally a VAE).
 
@@ -87,7 +79,7 @@ class ConvAutoencoder(nn.Module):
         variational: bool = False,
     ) -> None:
         super().__init__()
-        height, width = _as_size(image_size)
+        height, width = as_pair(image_size)
         factor = 2**num_downsamples
         for name, value in (("in_channels", in_channels), ("latent_dim", latent_dim)):
             if value < 1:

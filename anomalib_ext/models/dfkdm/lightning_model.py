@@ -32,19 +32,11 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 from anomalib_ext.models.components import DEFAULT_BACKBONE
 from anomalib_ext.models.components.autoencoder import ReconstructionLoss
 from anomalib_ext.models.components.kde import BandwidthRule, DensityKind, ScalingMethod
+from anomalib_ext.models.components.sizes import as_pair
 
 from .torch_model import DfkdmModel, FeatureSource
 
 logger = logging.getLogger(__name__)
-
-
-def _as_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    if len(image_size) != 2:
-        msg = f"image_size must be an int or (height, width), got {image_size!r}"
-        raise ValueError(msg)
-    return int(image_size[0]), int(image_size[1])
 
 
 class Dfkdm(AnomalibModule):
@@ -100,7 +92,7 @@ class Dfkdm(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        size = _as_pair(image_size)
+        size = as_pair(image_size)
         if pre_processor is True:
             pre_processor = self.default_pre_processor(feature_source, size)
         super().__init__(

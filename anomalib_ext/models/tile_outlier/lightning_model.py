@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from anomalib_ext.models.components import DEFAULT_BACKBONE
 from anomalib_ext.models.components.export import ExportDefaultsMixin
 from anomalib_ext.models.components.memory_bank import ReservoirSampler
+from anomalib_ext.models.components.sizes import as_pair
 
 from .torch_model import TileOutlierModel
 
@@ -33,15 +34,6 @@ logger = logging.getLogger(__name__)
 Backend = Literal["torch", "fastdup"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _as_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    if len(image_size) != 2:
-        msg = f"image_size must be an int or (height, width), got {image_size!r}"
-        raise ValueError(msg)
-    return int(image_size[0]), int(image_size[1])
 
 
 class TileOutlier(ExportDefaultsMixin, MemoryBankMixin, AnomalibModule):
@@ -92,7 +84,7 @@ class TileOutlier(ExportDefaultsMixin, MemoryBankMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        size = _as_pair(image_size)
+        size = as_pair(image_size)
         if backend not in ("torch", "fastdup"):
             msg = f"backend must be 'torch' or 'fastdup', got '{backend}'"
             raise ValueError(msg)
