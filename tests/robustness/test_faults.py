@@ -49,6 +49,10 @@ def _reconstruction_config(tmp_path: Path) -> Path:
     return path
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(pattern: str, root: Path, process: subprocess.Popen, timeout: float) -> list[Path]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,7 +82,13 @@ def interrupted(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[sign
     anomalib = Path(sys.executable).with_name("anomalib")
     with (tmp_path / "log.txt").open("w") as log:
         process = subprocess.Popen(  # noqa: S603  (our own interpreter's entry point, fixed arguments)
-            [str(anomalib), "train", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+            [str(anomalib), "train", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            # a non-interactive shell (CI) starts background jobs with SIGINT ignored, and children inherit
+            # that: restore the default so Ctrl-C reaches Python as KeyboardInterrupt, as in a terminal
+            preexec_fn=_default_sigint,
         )
         try:
             checkpoints = _wait_for("*.ckpt", tmp_path / "results", process, timeout=900)
