@@ -23,17 +23,9 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 
 from anomalib_ext.models.components import AutoencoderOutput, ReconstructionLoss
 from anomalib_ext.models.components.export import ExportDefaultsMixin
+from anomalib_ext.models.components.sizes import as_pair
 
 from .torch_model import MapMode, ReconstructionModel, Variant
-
-
-def _as_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    if len(image_size) != 2:
-        msg = f"Reconstruction: image_size must be an int or (height, width), got {image_size!r}"
-        raise ValueError(msg)
-    return int(image_size[0]), int(image_size[1])
 
 
 class Reconstruction(ExportDefaultsMixin, AnomalibModule):
@@ -82,7 +74,7 @@ class Reconstruction(ExportDefaultsMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        size = _as_size(image_size)
+        size = as_pair(image_size)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(size)
         super().__init__(
@@ -127,7 +119,7 @@ class Reconstruction(ExportDefaultsMixin, AnomalibModule):
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | int | None = None) -> PreProcessor:
         """Nearest-neighbour resize, no Normalize: the sigmoid output lives in the input's [0, 1] range."""
-        size = _as_size(image_size) if image_size is not None else (128, 128)
+        size = as_pair(image_size) if image_size is not None else (128, 128)
         return PreProcessor(transform=Compose([Resize(size, interpolation=InterpolationMode.NEAREST)]))
 
     @property

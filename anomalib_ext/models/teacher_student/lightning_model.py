@@ -26,6 +26,7 @@ from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Resize
 
 from anomalib_ext.models.components import DEFAULT_BACKBONE
+from anomalib_ext.models.components.sizes import as_pair
 
 from .augment import NormalVariation, SyntheticDefects
 from .template import SingleTemplateDataset
@@ -34,15 +35,6 @@ from .torch_model import TeacherStudentModel, layer_feature_loss
 logger = logging.getLogger(__name__)
 
 DEFAULT_TS_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
-
-
-def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    if len(image_size) != 2:
-        msg = f"TeacherStudent: image_size must be an int or (height, width), got {image_size!r}"
-        raise ValueError(msg)
-    return int(image_size[0]), int(image_size[1])
 
 
 class TeacherStudent(AnomalibModule):
@@ -100,7 +92,7 @@ class TeacherStudent(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         if pre_processor is True:
-            pre_processor = self.configure_pre_processor(_as_size(image_size))
+            pre_processor = self.configure_pre_processor(as_pair(image_size))
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
@@ -159,7 +151,7 @@ class TeacherStudent(AnomalibModule):
     @classmethod
     def configure_pre_processor(cls, image_size: int | Sequence[int] | None = None) -> PreProcessor:
         """Resize only: the torch model normalises, so training augmentations see plain [0, 1] images."""
-        return PreProcessor(transform=Resize(_as_size(image_size or 256), antialias=True))
+        return PreProcessor(transform=Resize(as_pair(image_size or 256), antialias=True))
 
     @property
     def learning_type(self) -> LearningType:
