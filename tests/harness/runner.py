@@ -70,15 +70,19 @@ def train_case(case: ModelCase, data_root: Path, workdir: Path) -> TrainedCase:
     return TrainedCase(case, model, engine, checkpoint, paths, np.array(scores), np.array(labels), workdir)
 
 
-def load_images(paths: list[str], size: int) -> torch.Tensor:
-    """Images as anomalib reads them: RGB float in [0, 1], (N, 3, H, W)."""
+def load_images(paths: list[str] | list[Path], size: int) -> torch.Tensor:
+    """Images as anomalib reads them: RGB float in [0, 1], each resized to the model input, (N, 3, H, W)."""
     from anomalib.data.utils import read_image
 
-    images = [read_image(path, as_tensor=True) for path in paths]
-    batch = torch.stack(images)
-    if batch.shape[-1] != size:
-        batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear", antialias=True)
-    return batch
+    images = []
+    for path in paths:
+        image = read_image(path, as_tensor=True)[None]
+        if tuple(image.shape[-2:]) != (size, size):  # real images differ in size (bottle 900 px, dice 128 px)
+            image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
+        images.append(image)
+    # antialiased resizing overshoots to 1.0000001 on bright pixels, and anomalib's OpenVINOInferencer divides
+    # any float image whose maximum exceeds 1.0 by 255: clamp, or the exported model sees a black image
+    return torch.cat(images).clamp(0, 1)
 
 
 def export_openvino(trained: TrainedCase) -> Path:

@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 import anomalib_ext.models as ext_models
@@ -102,16 +101,3 @@ def engine(workdir: Path, case: ModelCase):
         enable_progress_bar=False,
         **case.engine_kwargs,
     )
-
-
-def load_images(paths: list[Path], size: int) -> torch.Tensor:
-    """Images as anomalib reads them (RGB float in [0, 1]), resized to the model input like the harness does."""
-    from anomalib.data.utils import read_image
-
-    images = []
-    for path in paths:
-        image = read_image(path, as_tensor=True)[None]
-        if tuple(image.shape[-2:]) != (size, size):  # real images differ in size (bottle 256 px, dice 128 px)
-            image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
-        images.append(image)
-    return torch.cat(images)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tests.harness.case import ModelCase
-from tests.robustness.models import cheapest_cases, datamodule, engine, load_images, write_constant_dataset
+from tests.harness.runner import load_images
+from tests.robustness.models import cheapest_cases, datamodule, engine, write_constant_dataset
 
 CASES = cheapest_cases()
 IDS = [case.name for case in CASES]
@@ -74,18 +75,6 @@ def test_constant_duplicate_tiny_images_give_finite_outputs(case: ModelCase, con
             assert torch.isfinite(batch.anomaly_map).all(), f"{case.name}: anomaly map has NaN/inf"
 
 
-KNOWN_REAL_PARITY_FAILURES = {
-    name: f"{name}: OpenVINO and torch anomaly maps disagree on a real image (seen 2026-11-25: "
-    "mvtec_ad/bottle/test/good/000.png, max abs map difference 0.596 for reconstruction_ae, 0.631 for "
-    "teacher_student, tolerance 1e-3; scores agree). The harness passes on synthetic images, so the exported "
-    "graph differs from torch only on inputs far from the training data. Reproduced for reconstruction_ae: on that "
-    "image 99.6% of map pixels differ, torch map range [0, 0.91] vs OpenVINO [0.16, 0.75] (raw map -7.8..8.9); a "
-    "synthetic image agrees to 2e-5. Suspect a value baked in at export (data-dependent constant, e.g. a "
-    "Python float/.item() in the map path). Route to the model owners."
-    for name in ("reconstruction_ae", "teacher_student")
-}
-
-
 @pytest.fixture(scope="module", params=CASES, ids=IDS)
 def seeded_run(request, tiny_mvtec: Path, tmp_path_factory: pytest.TempPathFactory):
     """One seeded fit per model, shared by the determinism and the real-data parity tests."""
@@ -121,8 +110,6 @@ def test_openvino_matches_torch_on_real_images(seeded_run, real_data: Path, tmp_
     from anomalib.deploy import ExportType, OpenVINOInferencer
 
     case, (model, run, _, _) = seeded_run
-    if case.name in KNOWN_REAL_PARITY_FAILURES:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_REAL_PARITY_FAILURES[case.name]))
     if not case.exportable:
         pytest.skip(f"{case.name} is not exportable")
     size = case.image_size
