@@ -19,20 +19,6 @@ from tests.robustness.models import cheapest_cases, datamodule, engine, write_co
 
 CASES = cheapest_cases()
 IDS = [case.name for case in CASES]
-# failures in other engineers' model code, routed to them (strict: the mark must go once they are fixed)
-KNOWN_CONSTANT_IMAGE_FAILURES = {
-    "template_ssim": "TemplateSsim.fit, k-medoids on duplicated training images leaves a cluster empty; "
-    "build_template then warps 0 images: grid_sample raises 'Expected non-zero, positive output size. "
-    "Got [0, 1, 128, 128]' (template_ssim/torch_model.py build_template via fit)",
-}
-CONSTANT_CASES = [
-    pytest.param(
-        case, id=case.name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_CONSTANT_IMAGE_FAILURES[case.name])
-    )
-    if case.name in KNOWN_CONSTANT_IMAGE_FAILURES
-    else pytest.param(case, id=case.name)
-    for case in CASES
-]
 PARITY_TOLERANCE = 1e-3
 OPENVINO_F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -64,7 +50,7 @@ def tiny_mvtec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", CONSTANT_CASES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_constant_duplicate_tiny_images_give_finite_outputs(case: ModelCase, constant_root: Path, tmp_path) -> None:
     _, _, metrics, predictions = _fit_and_predict(case, constant_root, "constant", tmp_path)
     for name, value in metrics.items():

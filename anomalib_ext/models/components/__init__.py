@@ -3,6 +3,7 @@
 from .autoencoder import AutoencoderOutput, ConvAutoencoder, ReconstructionLoss, kl_divergence
 from .backbone import DEFAULT_BACKBONE, DEFAULT_LAYERS, build_feature_extractor, feature_channels, imagenet_normalize
 from .export import EXPORT_OPSET, ExportDefaultsMixin
+from .interrupt import SIGTERM_EXIT_STATUS, InterruptStatusMixin, SigtermExitStatus
 from .ssim import SSIMMap, gaussian_window, ssim_loss, ssim_map, topk_mean
 
 __all__ = [
@@ -14,6 +15,9 @@ __all__ = [
     "DEFAULT_LAYERS",
     "EXPORT_OPSET",
     "ExportDefaultsMixin",
+    "InterruptStatusMixin",
+    "SIGTERM_EXIT_STATUS",
+    "SigtermExitStatus",
     "SSIMMap",
     "build_feature_extractor",
     "feature_channels",

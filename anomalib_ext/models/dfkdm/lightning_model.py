@@ -29,7 +29,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
-from anomalib_ext.models.components import DEFAULT_BACKBONE
+from anomalib_ext.models.components import DEFAULT_BACKBONE, ExportDefaultsMixin, InterruptStatusMixin
 from anomalib_ext.models.components.autoencoder import ReconstructionLoss
 from anomalib_ext.models.components.kde import BandwidthRule, DensityKind, ScalingMethod
 from anomalib_ext.models.components.sizes import as_pair
@@ -39,7 +39,7 @@ from .torch_model import DfkdmModel, FeatureSource
 logger = logging.getLogger(__name__)
 
 
-class Dfkdm(AnomalibModule):
+class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
     """Deep-feature kernel density model.
 
     Args:

@@ -21,14 +21,14 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 
-from anomalib_ext.models.components import AutoencoderOutput, ReconstructionLoss
+from anomalib_ext.models.components import AutoencoderOutput, InterruptStatusMixin, ReconstructionLoss
 from anomalib_ext.models.components.export import ExportDefaultsMixin
 from anomalib_ext.models.components.sizes import as_pair
 
 from .torch_model import MapMode, ReconstructionModel, Variant
 
 
-class Reconstruction(ExportDefaultsMixin, AnomalibModule):
+class Reconstruction(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
     """Autoencoder / VAE anomaly detector (see README.md).
 
     Args:

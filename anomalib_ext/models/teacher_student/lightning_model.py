@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Resize
 
-from anomalib_ext.models.components import DEFAULT_BACKBONE
+from anomalib_ext.models.components import DEFAULT_BACKBONE, ExportDefaultsMixin, InterruptStatusMixin
 from anomalib_ext.models.components.sizes import as_pair
 
 from .augment import NormalVariation, SyntheticDefects
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TS_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
 
 
-class TeacherStudent(AnomalibModule):
+class TeacherStudent(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
     """Teacher-student anomaly detector with optional teacher fine-tuning, HistAuGAN and single-template mode.
 
     Args:

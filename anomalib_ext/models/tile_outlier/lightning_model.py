@@ -22,7 +22,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_ext.models.components import DEFAULT_BACKBONE
+from anomalib_ext.models.components import DEFAULT_BACKBONE, InterruptStatusMixin
 from anomalib_ext.models.components.export import ExportDefaultsMixin
 from anomalib_ext.models.components.memory_bank import ReservoirSampler
 from anomalib_ext.models.components.sizes import as_pair
@@ -36,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class TileOutlier(ExportDefaultsMixin, MemoryBankMixin, AnomalibModule):
+class TileOutlier(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, AnomalibModule):
     """Tile-outlier anomaly detection.
 
     Args:
