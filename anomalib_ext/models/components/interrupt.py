@@ -27,7 +27,8 @@ class SigtermExitStatus(Callback):
         callback = trainer.checkpoint_callback
         last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
         where = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
-        print(f"interrupted by SIGTERM during {trainer.state.fn}; {where}", file=sys.stderr)  # noqa: T201
+        stage = trainer.state.fn.value if trainer.state.fn else "run"
+        print(f"interrupted by SIGTERM during {stage}; {where}", file=sys.stderr)  # noqa: T201
 
 
 class InterruptStatusMixin:
