@@ -2,7 +2,8 @@
 
 Every (dataset, model) cell runs in its own process with a time limit; each finished cell is saved at once,
 so a long run can be stopped and resumed (``--resume DIR``) and a failing or hung model is recorded with its
-error while the others continue. See ``docs/benchmark.md``.
+error while the others continue. Every dataset is checked file by file before the first cell runs, so a bad
+image is named at once instead of failing each cell. See ``docs/benchmark.md``.
 
 Examples::
 
@@ -169,8 +170,45 @@ def choose_out_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     return out, False
 
 
+def check_dataset(spec: DatasetSpec) -> None:
+    """Read every file of a dataset once, before any cell: inside a cell anomalib meets a bad file only after the
+    time spent on the cells before it, in every cell, often without its name (``image file is truncated``).
+    """
+    from anomalib_ext.data.validation import (
+        DataValidationError,
+        check_dice_layout,
+        check_image_folder,
+        check_mvtec_layout,
+    )
+
+    path = Path(spec.path)
+    listing = "python -m anomalib_ext.data.validation " + {
+        "mvtec": f"{path.parent} --category {path.name}",
+        "dice": f"{path} --dice",
+    }.get(spec.kind, str(path))
+    try:
+        if spec.kind == "mvtec":
+            check_mvtec_layout(path.parent, path.name, require_masks=(path / "ground_truth").is_dir())
+        elif spec.kind == "dice":
+            check_dice_layout(path)
+        else:  # folder / split: every image folder under the root (files beside them are not data)
+            for folder in sorted(child for child in path.iterdir() if child.is_dir()):
+                check_image_folder(folder, role=folder.name, allow_empty=True)
+    except DataValidationError as error:
+        bad, reason = error.problems[0]
+        more = len(error.problems) - 1
+        tail = f" (and {more} more problem{'s' if more > 1 else ''}; list them all with: {listing})" if more else ""
+        msg = f"--dataset {spec.label}: {bad}: {reason}{tail}"
+        raise SpecError(msg) from None
+
+
 def prepare_datasets(specs: list[DatasetSpec], out: Path) -> list[dict[str, Any]]:
-    """Dice layouts become explicit split trees (links) under ``out/datasets``; others are used in place."""
+    """Dice layouts become explicit split trees (links) under ``out/datasets``; others are used in place.
+
+    All datasets are checked first, so that no split is made and no cell runs when one of them has a bad file.
+    """
+    for spec in specs:
+        check_dataset(spec)
     prepared = []
     for spec in specs:
         entry = spec.to_dict()

@@ -9,6 +9,8 @@ The origin's workflow as a tool: divide every image into ``num_parts x num_parts
 - ``tile_scores.csv``: every tile with its image, grid position, pixel box, score and outlier flag;
 - ``skipped.txt``: files that could not be read (reported and skipped, never fatal).
 
+A non-empty ``--out`` folder is refused (it holds an earlier run) unless ``--overwrite`` is given.
+
 A tile is an outlier when its score is in the top ``--outlier-fraction`` of all tiles (default 2%).
 
 Example:
@@ -33,6 +35,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 from tqdm import tqdm
 
+from anomalib_ext.data.validation import DataValidationError, check_image_file
 from anomalib_ext.models.components.tiling import split_bands
 
 FASTDUP_HINT = "pip install --no-deps fastdup==2.54 requests pillow_heif sentry-sdk (non-commercial licence)"
@@ -58,6 +61,10 @@ def read_tiles(folder: Path, num_parts: int) -> tuple[list[Tile], list[tuple[Pat
     tiles: list[Tile] = []
     skipped: list[tuple[Path, str]] = []
     for path in tqdm(files, desc="reading and tiling", unit="image"):
+        problem = file_problem(path)
+        if problem:
+            skipped.append((path, problem))
+            continue
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
             skipped.append((path, "not a readable image"))
@@ -70,6 +77,20 @@ def read_tiles(folder: Path, num_parts: int) -> tuple[list[Tile], list[tuple[Pat
             for col, (x0, x1) in enumerate(split_bands(width, num_parts)):
                 tiles.append(Tile(path, row, col, (y0, x0, y1, x1), image[y0:y1, x0:x1]))
     return tiles, skipped
+
+
+def file_problem(path: Path) -> str:
+    """Why ``path`` is unusable (``""`` when it is fine).
+
+    ``cv2.imread`` decodes a truncated JPEG with a grey lower half and only a libjpeg warning, so the file would
+    be audited as if whole; the project's checker decodes every byte with Pillow first. 16-bit grayscale is
+    allowed: OpenCV scales it to 8 bits instead of clipping it as anomalib does.
+    """
+    try:
+        check_image_file(path, allow_16bit_gray=True)
+    except DataValidationError as error:
+        return error.problems[0][1]
+    return ""
 
 
 def embed_torch(tiles: list[Tile], crop_size: int = 64, batch_size: int = 64) -> torch.Tensor:
@@ -187,10 +208,19 @@ def audit(
     backend: str = "auto",
     outlier_fraction: float = 0.02,
     sheet_tiles: int = 32,
+    *,
+    overwrite: bool = False,
 ) -> list[Tile]:
-    """Run the audit; returns the scored tiles (also written under ``out``)."""
+    """Run the audit; returns the scored tiles (also written under ``out``).
+
+    A non-empty ``out`` holds an earlier run, so it is refused before any work unless ``overwrite`` is set.
+    """
     if not folder.is_dir():
         sys.exit(f"input folder {folder} does not exist")
+    if out.exists() and not out.is_dir():
+        sys.exit(f"{out}: --out is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        sys.exit(f"{out}: folder exists and is not empty; choose another --out or pass --overwrite")
     if not 0 < outlier_fraction < 1:
         sys.exit(f"--outlier-fraction must be in (0, 1), got {outlier_fraction}")
     if backend == "auto":
@@ -230,10 +260,23 @@ def main() -> None:
     parser.add_argument("--backend", choices=["auto", "fastdup", "torch"], default="auto")
     parser.add_argument("--outlier-fraction", type=float, default=0.02)
     parser.add_argument("--sheet-tiles", type=int, default=32, help="tiles on the contact sheet")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out folder (same-named files replaced, others kept)",
+    )
     args = parser.parse_args()
     if args.num_parts <= 0:
         sys.exit(f"--num-parts must be positive, got {args.num_parts}")
-    audit(args.folder, args.out, args.num_parts, args.backend, args.outlier_fraction, args.sheet_tiles)
+    audit(
+        args.folder,
+        args.out,
+        args.num_parts,
+        args.backend,
+        args.outlier_fraction,
+        args.sheet_tiles,
+        overwrite=args.overwrite,
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ keeps those arguments (so its users need not relearn anything) and runs the same
 ``anomalib train --config configs/reconstruction/{ae,vae}.yaml``: the ``Reconstruction`` model, anomalib's
 ``MVTecAD`` datamodule, Engine, and its test metrics (image and pixel AUROC on the whole test split).
 
+Before training, every file of the category is checked (a bad image is named in one line, instead of surfacing
+minutes into the run without its name), and an existing checkpoint is refused unless ``--overwrite`` is given.
+
 Examples::
 
     .venv/bin/python tools/train.py --model ae --epochs 30 --batch_size 16 --learning_rate 1e-3 --size 128 \\
@@ -56,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=int, default=0, help="dataloader workers")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--no_test", action="store_true", help="skip the test-set evaluation after training")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint and its .json")
     return parser.parse_args(argv)
 
 
@@ -79,13 +83,35 @@ def resolve_dataset(data_path: str, category: str | None) -> tuple[Path, str]:
     return path, category
 
 
-def resolve_checkpoint(ckpt_path: str, model: str, category: str) -> Path:
+def check_data(root: Path, category: str, need_test: bool) -> None:
+    """Read every file of ``root/category`` once before training: anomalib meets a bad file only inside a
+    dataloader, minutes in, often without its name (``OSError: image file is truncated``).
+    """
+    from anomalib_ext.data.validation import DataValidationError, check_mvtec_layout
+
+    try:
+        check_mvtec_layout(root, category, require_anomalies=need_test)
+    except DataValidationError as error:
+        path, reason = error.problems[0]
+        more = len(error.problems) - 1
+        listing = f"python -m anomalib_ext.data.validation {root} --category {category}"
+        tail = f" (and {more} more problem{'s' if more > 1 else ''}; list them all with: {listing})" if more else ""
+        msg = f"{path}: {reason}{tail}"
+        raise UsageError(msg) from None
+
+
+def resolve_checkpoint(ckpt_path: str, model: str, category: str, overwrite: bool = False) -> Path:
+    """The checkpoint file to write; an existing one (or its .json summary) is an earlier run, kept unless
+    ``overwrite``. Checked before training so that no time is spent on a run whose result cannot be saved.
+    """
     path = Path(ckpt_path).expanduser()
-    if path.suffix == ".ckpt":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    return path / f"{model}_{category}.ckpt"
+    checkpoint = path if path.suffix == ".ckpt" else path / f"{model}_{category}.ckpt"
+    if not overwrite:
+        for existing in (checkpoint, checkpoint.with_suffix(".json")):
+            if existing.exists():
+                msg = f"{existing}: file exists (an earlier run); choose another --ckpt_path or pass --overwrite"
+                raise UsageError(msg)
+    return checkpoint
 
 
 def default_downsamples(size: int) -> int:
@@ -110,7 +136,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (and test) one model; returns the summary also written next to the checkpoint as JSON."""
     check_numbers(args)
     root, category = resolve_dataset(args.data_path, args.category)
-    checkpoint = resolve_checkpoint(args.ckpt_path, args.model, category)
+    checkpoint = resolve_checkpoint(args.ckpt_path, args.model, category, overwrite=args.overwrite)
+    check_data(root, category, need_test=not args.no_test)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     num_downsamples = args.num_downsamples or default_downsamples(args.size)
 
     import torch
@@ -182,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except UsageError as error:
+    except UsageError as error:  # only this: a SIGTERM'd fit ends in SystemExit(143), which must reach the shell
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

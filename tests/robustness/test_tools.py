@@ -35,12 +35,6 @@ def _broken_copy(small_mvtec: Path, tmp_path: Path, kind: str = "truncated_png")
 
 # --- tools/fastdup_tiles.py ----------------------------------------------------------------------------------
 
-AUDIT_KINDS_NOT_REPORTED = {
-    "truncated_jpeg": "fastdup_tiles.read_tiles uses cv2.imread, which decodes a truncated JPEG with a grey bottom "
-    "half and only a libjpeg warning: the file is audited as if it were whole and is not listed in skipped.txt. "
-    "Fix: anomalib_ext.data.validation.check_image_file(path) before cv2.imread (or catch the libjpeg warning).",
-}
-
 
 @pytest.fixture(scope="module")
 def audit_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path], dict[str, Path]]:
@@ -57,15 +51,7 @@ def audit_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return out, bad, modes
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(kind, marks=pytest.mark.xfail(strict=True, reason=AUDIT_KINDS_NOT_REPORTED[kind]))
-        if kind in AUDIT_KINDS_NOT_REPORTED
-        else kind
-        for kind in sorted(set(BAD_FILES) - {"unsupported_extension"})
-    ],
-)
+@pytest.mark.parametrize("kind", sorted(set(BAD_FILES) - {"unsupported_extension"}))
 def test_audit_reports_each_unreadable_file(audit_run, kind: str) -> None:
     out, bad, _ = audit_run
     skipped = (out / "skipped.txt").read_text()
@@ -98,12 +84,6 @@ def test_audit_of_constant_duplicates_gives_finite_scores(tmp_path: Path) -> Non
     assert np.isfinite(scores).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fastdup_tiles.audit writes into an existing --out folder (out.mkdir(exist_ok=True)) and overwrites "
-    "tile_scores.csv / skipped.txt of an earlier run. Fix: refuse a non-empty --out (like infer_openvino.py) "
-    "or default to a new timestamped folder.",
-)
 def test_audit_never_overwrites_an_earlier_run(tmp_path: Path) -> None:
     tool = load_tool("fastdup_tiles")
     for index in range(2):
@@ -129,13 +109,6 @@ def _train_args(data: Path, checkpoint: Path) -> list[str]:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tools/train.py does not check the data before Engine.fit: a truncated PNG in train/good ends the run "
-    "with anomalib's 'OSError: image file is truncated' and a traceback, without the file name. Fix: call "
-    "anomalib_ext.data.validation.check_mvtec_layout(root, category) in resolve_dataset and turn "
-    "DataValidationError into UsageError.",
-)
 def test_train_names_a_bad_training_file(small_mvtec: Path, tmp_path: Path, capsys) -> None:
     tool = load_tool("train")
     root, bad = _broken_copy(small_mvtec, tmp_path)
@@ -153,12 +126,6 @@ def test_train_missing_or_empty_train_good_is_a_one_line_error(small_mvtec: Path
     assert "train/good" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tools/train.py overwrites an existing --ckpt_path file (and its .json summary) after training: "
-    "engine.trainer.save_checkpoint(checkpoint) with no existence check. Fix: refuse an existing checkpoint "
-    "path before training (or add --overwrite).",
-)
 def test_train_never_overwrites_an_earlier_checkpoint(small_mvtec: Path, tmp_path: Path, capsys) -> None:
     tool = load_tool("train")
     checkpoint = tmp_path / "out" / "model.ckpt"
@@ -184,13 +151,6 @@ def test_benchmark_refuses_a_non_empty_out_folder(small_mvtec: Path, tmp_path: P
     assert (out / "results.md").read_text() == "earlier run\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tools/benchmark.py does not check datasets before running cells: a truncated PNG in train/good is met "
-    "inside every cell (after the time spent on the cells before it) as 'image file is truncated' without the "
-    "file name. Fix: call anomalib_ext.data.validation.check_mvtec_layout / check_dice_layout in parse_dataset "
-    "or prepare_datasets, and raise SpecError with its message.",
-)
 def test_benchmark_names_a_bad_dataset_file_before_running_cells(
     small_mvtec: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
