@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from benchmarking import report  # noqa: E402
 from benchmarking.datasets import prepare_dice_split  # noqa: E402
-from benchmarking.specs import SpecError, parse_dataset, parse_model  # noqa: E402
+from benchmarking.specs import SpecError, parse_dataset, parse_model, resolve_config_family  # noqa: E402
 
 
 def run_benchmark(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -75,6 +75,13 @@ def test_config_file_takes_the_model_section_and_ignores_data(tmp_path: Path) ->
 def test_bad_model_arguments_say_what_is_wrong(text: str, fragment: str) -> None:
     with pytest.raises(SpecError, match=fragment.replace("[", r"\[")):
         parse_model(text)
+
+
+def test_config_family_picks_the_dataset_config_or_falls_back_to_mvtec() -> None:
+    assert resolve_config_family("template_ssim", "dice", "dice").name == "dice.yaml"
+    assert resolve_config_family("tile_outlier", "dice", "my_dice").name == "mvtec.yaml"  # no dice config
+    with pytest.raises(SpecError, match="pass the config file explicitly"):
+        resolve_config_family("dfkdm", "dice", "dice")  # backbone.yaml or lake.yaml: the user must choose
 
 
 def test_missing_config_file_is_named(tmp_path: Path) -> None:

@@ -338,9 +338,12 @@ def run_cell(spec_path: Path) -> int:
         result["setup_seconds"] = time.perf_counter() - started
         result["stage"] = "fit"
         save("partial.json")  # every stage is saved as it starts, so a time-out names the right one
-        fit_start = time.perf_counter()
+        fit_start, fit_cpu_start = time.perf_counter(), time.process_time()
         engine.fit(model=model, datamodule=datamodule)
         result["fit_seconds"] = time.perf_counter() - fit_start
+        # CPU seconds of every thread of the cell: the load-independent measure of fit cost on a shared machine
+        result["fit_cpu_seconds"] = time.process_time() - fit_cpu_start
+        result["fit_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         threshold = getattr(model.post_processor, "image_threshold", None)
         if threshold is not None and bool(torch.isnan(torch.as_tensor(threshold))):
             # validation never ran during fit (e.g. check_val_every_n_epoch > epochs): set the thresholds now

@@ -23,6 +23,8 @@ COLUMNS = (
     "image_auroc_png",
     "image_f1_png",
     "fit_seconds",
+    "fit_cpu_seconds",
+    "fit_peak_rss_mb",
     "torch_images_per_s",
     "openvino_images_per_s",
     "peak_rss_mb",

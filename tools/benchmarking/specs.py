@@ -164,10 +164,15 @@ def parse_model(text: str) -> ModelSpec:
 
 
 def resolve_config_family(family: str, dataset_kind: str, dataset_label: str) -> Path:
-    """Pick ``configs/<family>/<name>.yaml`` that fits the dataset: its label, its layout kind, or the only one."""
+    """Pick ``configs/<family>/<name>.yaml`` that fits the dataset: its label, its layout kind, or the only one.
+
+    A family without a config for the dataset's kind falls back to its general ``mvtec.yaml``: the benchmark
+    takes only the model's arguments from a config (and sets the image size from the dataset), never its data.
+    """
     family_dir = CONFIG_ROOT / family
     candidates = sorted(family_dir.glob("*.yaml"))
     preferred = [dataset_label.lower(), dataset_kind, "mvtec" if dataset_kind in ("mvtec", "folder") else "dice"]
+    preferred.append("mvtec")
     for name in preferred:
         for candidate in candidates:
             if candidate.stem.lower() == name:
