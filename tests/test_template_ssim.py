@@ -208,3 +208,32 @@ def test_pixel_statistics_keep_the_mark_at_the_peak(dice_data: Path) -> None:
     peak = int(output.anomaly_map[1, 0].flatten().argmax())
     assert abs(peak // 96 - 60) <= 4 and abs(peak % 96 - 40) <= 4
     assert output.pred_score[1] > output.pred_score[0] + 3.0
+
+
+def test_lighting_changes_are_discounted_but_a_thin_line_is_not(dice_data: Path) -> None:
+    """Photometric matching + illumination removal + residual channel: a global gain/offset and a smooth
+    highlight barely move the score, a thin light line inside a dark area does (the dice failure modes)."""
+    classes = _class_images(dice_data)
+    names = sorted(classes)[:4]
+    model = TemplateSsimModel(
+        angles=ANGLES, max_shift=8, pixel_statistics=True, photometric=True, residual=True, illumination_sigma=4.0
+    ).eval()
+    model.fit([classes[n][:4] for n in names], [classes[n][4:] for n in names])
+    assert model.pixel_mean.shape == (4, 2, 96, 96) and bool((model.pixel_std > 0).all())
+    normal = _class_images(dice_data, "test")[names[1]][0]
+    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    darker = (normal * 0.85 - 0.03).clamp(0, 1)  # another lighting session
+    highlight = (normal + 0.12 * torch.exp(-((yy - 30) ** 2 + (xx - 30) ** 2) / (2 * 12.0**2))).clamp(0, 1)
+    dark_spots = normal[0] < 0.5
+    line = normal.clone()
+    on_line = (yy - xx).abs() < 1.0
+    line[:, on_line & dark_spots] = 0.9
+    assert int((on_line & dark_spots).sum()) >= 6
+    with torch.no_grad():
+        scores = model(torch.stack([normal, darker, highlight, line])).pred_score
+    assert abs(float(scores[1] - scores[0])) < 1.5
+    assert abs(float(scores[2] - scores[0])) < 1.5
+    assert scores[3] > scores[0] + 3.0
+    torch.testing.assert_close(
+        model.match_photometry(darker[None, :1], normal[None, :1]), normal[None, :1], atol=0.05, rtol=0
+    )

@@ -44,6 +44,14 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             decide at fit time: grey when every training image has identical channels (3x cheaper SSIM).
         pixel_statistics: standardise the map per pixel (template frame) with half of the held-out normals;
             the other half then gives the per-class score statistics.
+        photometric: before comparing, map the image's grey levels onto the overlaid template's by one gain and
+            offset per image and channel (least squares over the image), so lighting set-ups compare.
+        residual: add a second map channel, the absolute intensity difference to the template (after the
+            photometric matching); with pixel statistics each channel is standardised on its own, then the
+            channels are averaged.
+        illumination_sigma: > 0 removes the smooth part of the image-template difference (Gaussian of this
+            sigma, pixels) before comparing: shading and broad highlights go, marks narrower than that stay.
+        max_gain: bound of the photometric gain (and of its inverse).
     """
 
     def __init__(
@@ -59,6 +67,10 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         min_calibration: int = 5,
         grayscale: bool | None = None,
         pixel_statistics: bool = False,
+        photometric: bool = False,
+        residual: bool = False,
+        illumination_sigma: float = 0.0,
+        max_gain: float = 2.0,
     ) -> None:
         super().__init__()
         if not 0 < topk_fraction <= 1:
@@ -83,9 +95,17 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("template_class", torch.empty(0, dtype=torch.long))  # (K,) index into class stats
         self.register_buffer("class_center", torch.empty(0))  # (num_classes,) typical normal score
         self.register_buffer("class_scale", torch.empty(0))  # (num_classes,) spread of normal scores
-        self.register_buffer("pixel_mean", torch.empty(0))  # (K, 1, H, W) normal map per template (optional)
-        self.register_buffer("pixel_std", torch.empty(0))  # (K, 1, H, W) its spread, regularised
+        self.register_buffer("pixel_mean", torch.empty(0))  # (K, M, H, W) normal map channels per template (optional)
+        self.register_buffer("pixel_std", torch.empty(0))  # (K, M, H, W) their spread, regularised
         self.pixel_statistics = pixel_statistics
+        self.photometric = photometric
+        self.residual = residual
+        self.max_gain = max_gain
+        self.illumination_size = 2 * math.ceil(3 * illumination_sigma) + 1 if illumination_sigma > 0 else 0
+        if self.illumination_size:
+            kernel_1d = gaussian_window(self.illumination_size, illumination_sigma).sum(dim=-1, keepdim=True)
+            self.register_buffer("illumination_y", kernel_1d, persistent=False)
+            self.register_buffer("illumination_x", kernel_1d.transpose(-1, -2).contiguous(), persistent=False)
 
     # ------------------------------------------------------------------------------------------- inference
     def check_input(self, images: torch.Tensor) -> None:
@@ -123,6 +143,37 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         return anomaly_map, template_index
 
     def _map_and_pose(self, images: torch.Tensor, use_pixel_stats: bool = True):
+        maps, template_index, pose = self._channel_maps(images, use_pixel_stats)
+        return maps.mean(dim=1, keepdim=True), template_index, pose
+
+    def match_photometry(self, images: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+        """Images with their grey levels mapped onto the template's: ``(image - offset) / gain``.
+
+        ``image ~= gain * template + offset`` by least squares over each image and channel (a lighting change is
+        close to such a global map; an anomaly covers too few pixels to move it much). The gain is clamped to
+        ``[1 / max_gain, max_gain]`` so that a flat template cannot blow the image up.
+        """
+        image_mean = images.mean(dim=(-2, -1), keepdim=True)
+        template_mean = template.mean(dim=(-2, -1), keepdim=True)
+        centred_template = template - template_mean
+        covariance = ((images - image_mean) * centred_template).mean(dim=(-2, -1), keepdim=True)
+        variance = (centred_template * centred_template).mean(dim=(-2, -1), keepdim=True)
+        gain = (covariance / (variance + 1e-6)).clamp(1.0 / self.max_gain, self.max_gain)
+        offset = image_mean - gain * template_mean
+        return (images - offset) / gain
+
+    @staticmethod
+    def _blur(maps: torch.Tensor, kernel_y: torch.Tensor, kernel_x: torch.Tensor) -> torch.Tensor:
+        """Separable blur of (N, M, H, W) maps with reflect padding (same size out)."""
+        batch, count, height, width = maps.shape
+        flat = maps.reshape(batch * count, 1, height, width)
+        pad_y, pad_x = kernel_y.shape[-2] // 2, kernel_x.shape[-1] // 2
+        flat = F.conv2d(F.pad(flat, (0, 0, pad_y, pad_y), mode="reflect"), kernel_y)
+        flat = F.conv2d(F.pad(flat, (pad_x, pad_x, 0, 0), mode="reflect"), kernel_x)
+        return flat.reshape(batch, count, height, width)
+
+    def _channel_maps(self, images: torch.Tensor, use_pixel_stats: bool = True):
+        """Map channels (N, M, H, W) (1 - SSIM, optionally the intensity residual), template index, pose."""
         images = self._as_template_channels(images)
         pose = self.search(images)
         channels = self.templates.shape[1]
@@ -131,13 +182,29 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         if with_stats:
             layers = torch.cat([self.templates, self.pixel_mean, self.pixel_std], dim=1)
         overlay = to_image_frame(layers[pose.reference_index], pose.angle, pose.shift)
-        anomaly_map = 1.0 - self.ssim(images, overlay[:, :channels])
+        template = overlay[:, :channels]
+        if self.photometric:
+            images = self.match_photometry(images, template)
+        if self.illumination_size:  # remove the smooth part of the difference (highlights, shading)
+            images = images - self._blur(images - template, self.illumination_y, self.illumination_x)
+        maps = [1.0 - self.ssim(images, template)]
+        if self.residual:
+            maps.append((images - template).abs().mean(dim=1, keepdim=True))
+        anomaly_map = torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]
         if self.smoothing_size:
-            pad = self.smoothing_size // 2
-            anomaly_map = F.conv2d(F.pad(anomaly_map, (0, 0, pad, pad), mode="reflect"), self.smoothing_y)
-            anomaly_map = F.conv2d(F.pad(anomaly_map, (pad, pad, 0, 0), mode="reflect"), self.smoothing_x)
+            anomaly_map = self._blur(anomaly_map, self.smoothing_y, self.smoothing_x)
         if with_stats:
-            anomaly_map = (anomaly_map - overlay[:, channels : channels + 1]) / overlay[:, channels + 1 :]
+            count = anomaly_map.shape[1]
+            if self.pixel_mean.shape[1] != count:  # static shapes: traces away
+                msg = (
+                    f"TemplateSsim pixel statistics hold {self.pixel_mean.shape[1]} map channel(s) but the model "
+                    f"computes {count}: set residual={self.pixel_mean.shape[1] == 2} as when it was fitted (a "
+                    "checkpoint from before the residual channel needs residual=False)"
+                )
+                raise RuntimeError(msg)
+            mean = overlay[:, channels : channels + count]
+            spread = overlay[:, channels + count : channels + 2 * count]
+            anomaly_map = (anomaly_map - mean) / spread
         return anomaly_map, pose.reference_index, pose
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -187,6 +254,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         medoids = [int(distance.sum(dim=1).argmin())]
         while len(medoids) < count:
             nearest = distance[:, medoids].min(dim=1).values
+            nearest[medoids] = -1.0  # distinct medoids even when images are duplicates (all distances 0)
             medoids.append(int(nearest.argmax()))
         medoid_tensor = torch.tensor(medoids)
         for _ in range(iterations):
@@ -237,10 +305,14 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
                 medoids, assignment = self.k_medoids(1.0 - similarity, count)
                 for cluster, medoid in enumerate(medoids.tolist()):
                     members = images[assignment == cluster]
+                    if len(members) == 0:  # duplicates of another medoid: ties go to the first cluster
+                        continue
                     templates.append(self.build_template(members, reference=images[medoid]))
                     template_class.append(len(templates) - 1)  # each cluster is its own statistics group
                     template_source.append(class_index)
-                logger.info("TemplateSsim: k-medoids cluster sizes %s", torch.bincount(assignment).tolist())
+                logger.info(
+                    "TemplateSsim: k-medoids cluster sizes %s", torch.bincount(assignment, minlength=count).tolist()
+                )
             else:
                 templates.append(self.build_template(images))
                 template_class.append(class_index)
@@ -250,15 +322,19 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         self.templates = torch.stack(templates)
         self.template_class = torch.tensor(template_class, dtype=torch.long, device=self.templates.device)
         self.search.set_references(self.templates)
-        num_classes = max(template_class) + 1
-        self.class_center = torch.zeros(num_classes, device=self.templates.device)
-        self.class_scale = torch.ones(num_classes, device=self.templates.device)
-
-        # per-class statistics on held-out normals, scored exactly as at inference (chosen template's class)
         held_out = [images for images in calibration_images if len(images)]
         if not held_out:
             logger.warning("TemplateSsim: no held-out normals; normalising with the template images' own scores")
             held_out = template_images
+        self.calibrate(held_out)
+        return template_source
+
+    @torch.no_grad()
+    def calibrate(self, held_out: list[torch.Tensor]) -> None:
+        """Per-pixel (optional) and per-class statistics from held-out normals, scored as at inference."""
+        num_classes = int(self.template_class.max()) + 1
+        self.class_center = torch.zeros(num_classes, device=self.templates.device)
+        self.class_scale = torch.ones(num_classes, device=self.templates.device)
         self.pixel_mean, self.pixel_std = torch.empty(0), torch.empty(0)
         if self.pixel_statistics:
             pixel_sets = [images[: len(images) // 2] for images in held_out]
@@ -278,18 +354,19 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
                 self.class_center[class_index], self.class_scale[class_index] = self._robust_stats(class_scores)
             else:
                 self.class_center[class_index], self.class_scale[class_index] = pooled_center, pooled_scale
-        return template_source
 
     @torch.no_grad()
     def _fit_pixel_statistics(self, images: torch.Tensor) -> None:
-        """Per template: mean and spread of normal maps in the template frame, spread regularised."""
+        """Per template: mean and spread of each normal map channel in the template frame, spread regularised."""
         count = len(self.templates)
-        sums = torch.zeros_like(self.templates[:, :1])
-        squares = torch.zeros_like(sums)
-        hits = torch.zeros(count, device=sums.device)
+        sums = squares = None
+        hits = torch.zeros(count, device=self.templates.device)
         for chunk in images.split(64):
-            anomaly_map, template_index, pose = self._map_and_pose(chunk, use_pixel_stats=False)
+            anomaly_map, template_index, pose = self._channel_maps(chunk, use_pixel_stats=False)
             aligned = to_reference_frame(anomaly_map, pose.angle, pose.shift)
+            if sums is None:
+                sums = aligned.new_zeros((count, *aligned.shape[1:]))
+                squares = torch.zeros_like(sums)
             sums.index_add_(0, template_index, aligned)
             squares.index_add_(0, template_index, aligned * aligned)
             hits.index_add_(0, template_index, torch.ones_like(template_index, dtype=hits.dtype))
@@ -299,7 +376,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         mean = weight * sums / hits.clamp_min(1).view(-1, 1, 1, 1) + (1 - weight) * pooled_mean
         square = weight * squares / hits.clamp_min(1).view(-1, 1, 1, 1) + (1 - weight) * pooled_square
         std = (square - mean * mean).clamp_min(0).sqrt()
-        floor = std.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
+        floor = std.flatten(2).median(dim=2).values[..., None, None]  # per template and channel
         self.pixel_mean = mean
         self.pixel_std = std + floor + _MIN_SCALE
 
