@@ -135,6 +135,24 @@ def test_dice_split_without_test_folder_is_by_session_and_disjoint(dice_root: Pa
     assert (tmp_path / "split" / "test" / "good").is_dir()
 
 
+def test_dice_split_keeps_copies_of_test_images_out_of_train_and_validation(dice_root: Path, tmp_path: Path) -> None:
+    """The real set repeats images byte for byte across its two dark sessions (validation and test by default)."""
+    import shutil
+
+    from anomalib_ext.data.duplicates import file_digest
+
+    source = tmp_path / "dice"
+    shutil.copytree(dice_root / "train", source / "train")
+    (source / "val").symlink_to(dice_root / "val", target_is_directory=True)
+    for image in sorted((source / "train" / "good").rglob("*_16_09_21_*")):  # copies into a val and a train session
+        for session in ("25_10_21", "26_01_22"):
+            shutil.copy(image, image.with_name(f"copy_{image.stem.replace('16_09_21', session)}{image.suffix}"))
+    prepare_dice_split(source, tmp_path / "split", {"val_sessions": ["25_10_21"], "test_sessions": ["16_09_21"]})
+    groups = {name: {file_digest(path) for path in paths} for name, paths in _split_sources(tmp_path / "split").items()}
+    held_out = groups["test/good"] | groups["test/anomalous"]
+    assert not held_out & (groups.get("val/good", set()) | groups["train/good"])
+
+
 def test_dice_split_rejects_unknown_options(dice_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown options"):
         prepare_dice_split(dice_root, tmp_path / "split", {"train_per_clas": 3})

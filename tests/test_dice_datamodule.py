@@ -125,3 +125,36 @@ def test_holdout_fraction_keeps_part_of_the_session_for_training(small_dice: Pat
     assert tested + kept == session_total and 0 < tested < session_total
     with pytest.raises(ValueError, match="holdout_fraction"):
         Dice(root=root, holdout_fraction=0.0)
+
+
+def _digests(table) -> set[str]:
+    from anomalib_ext.data.duplicates import file_digest
+
+    return {file_digest(path) for path in table.image_path}
+
+
+def test_copies_of_test_images_never_reach_train_or_validation(small_dice: Path, tmp_path: Path) -> None:
+    """Like the real set, where 457 images of one dark session are byte-identical copies of the other's."""
+    root = tmp_path / "copies"
+    shutil.copytree(small_dice / "train", root / "train")
+    shutil.copytree(small_dice / "val", root / "val")
+    for source in sorted((root / "train" / "good").rglob("*16_09_21*")):
+        shutil.copy(source, source.with_name(source.name.replace("16_09_21", "17_11_21")))
+    datamodule = Dice(root=root, test_split_ratio=0.5, val_split_ratio=0.3, num_workers=0, seed=0)
+    tables = datamodule.split_samples()
+    copies = len(list((root / "train" / "good").rglob("*17_11_21*")))
+    assert copies > 0
+    test = _digests(tables["test"])
+    assert not test & _digests(tables["train"])
+    assert not test & _digests(tables["val"])
+    assert not _digests(tables["val"]) & _digests(tables["train"])
+
+
+def test_real_dice_stratified_holdout_has_no_copies_across_splits(real_data: Path) -> None:
+    datamodule = Dice(
+        root=real_data / "dice", holdout_sessions=["16_09_21", "17_11_21"], holdout_fraction=0.5, num_workers=0, seed=0
+    )
+    tables = datamodule.split_samples()
+    test = _digests(tables["test"])
+    assert not test & _digests(tables["train"])
+    assert not test & _digests(tables["val"])

@@ -26,6 +26,7 @@ Splits (the test split never picks a threshold):
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,10 +39,12 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
+from .duplicates import file_digest
 from .validation import check_dice_layout
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIR = "good"
+logger = logging.getLogger(__name__)
 _SESSION = re.compile(r"(?<!\d)([0-3]\d_[01]\d_2\d)(?!\d)")  # dd_mm_yy, e.g. 16_09_21
 
 
@@ -116,6 +119,23 @@ def _seeded_fraction(samples: pd.DataFrame, fraction: float, by: str, seed: int 
             count = min(max(count, 1), len(group) - 1)
         picked += list(rng.choice(group.index.to_numpy(), size=count, replace=False))
     return pd.Index(sorted(picked))
+
+
+def _without_copies(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Drop train and val images that are byte-identical copies of test images, and train copies of val images.
+
+    The real set repeats 457 images across two sessions (see ``duplicates``); seeded fractions split each copy
+    independently, so a "held-out" test normal could have its twin in train.
+    """
+    digests = {path: file_digest(path) for path in pd.concat([train, val, test]).image_path.unique()}
+    test_digests = {digests[path] for path in test.image_path}
+    val = val[~val.image_path.map(digests).isin(test_digests)]
+    held = test_digests | {digests[path] for path in val.image_path}
+    kept_train = train[~train.image_path.map(digests).isin(held)]
+    dropped = len(train) - len(kept_train)
+    if dropped:
+        logger.info("Dice: dropped %d training image(s) that are copies of validation or test images", dropped)
+    return kept_train, val
 
 
 class DiceDataset(AnomalibDataset):
@@ -242,6 +262,7 @@ class Dice(AnomalibDataModule):
             val_normal_index = _seeded_fraction(train, self.val_split_ratio, "class_name", self.seed)
             val = pd.concat([train.loc[val_normal_index], val_anomalies])
             train = train.drop(val_normal_index)
+        train, val = _without_copies(train, val, test)
         return {"train": train, "val": val, "test": test}
 
     def _setup(self, _stage: str | None = None) -> None:

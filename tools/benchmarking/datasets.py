@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from anomalib_ext.data.duplicates import without_copies_of
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICE_DEFAULTS: dict[str, Any] = {
     "sessions": ["16_09_21", "17_11_21", "25_10_21", "26_01_22"],
@@ -104,9 +106,20 @@ def prepare_dice_split(source: Path, destination: Path, options: dict[str, Any])
     else:
         val_anomalies, test_anomalies = anomalies[0::2][:cap], anomalies[1::2][:cap]
         test_normals = _cap_per_class(normals_by_group["test"], settings["test_normal_per_class"], rng)
+    # the real set repeats images byte for byte across its two dark sessions: keep copies out of every split
+    # but one (test first, then validation), or the threshold and the training see test images
+    held_out = [*test_normals, *test_anomalies]
+    val_normals = without_copies_of(
+        _cap_per_class(normals_by_group["val"], settings["val_normal_per_class"], rng), held_out, "validation"
+    )
+    train_normals = without_copies_of(
+        _cap_per_class(normals_by_group["train"], settings["train_per_class"], rng),
+        [*held_out, *val_normals, *val_anomalies],
+        "training",
+    )
     splits = {
-        "train/good": _cap_per_class(normals_by_group["train"], settings["train_per_class"], rng),
-        "val/good": _cap_per_class(normals_by_group["val"], settings["val_normal_per_class"], rng),
+        "train/good": train_normals,
+        "val/good": val_normals,
         "val/anomalous": val_anomalies,
         "test/good": test_normals,
         "test/anomalous": test_anomalies,
