@@ -17,6 +17,7 @@ def _tiny_lake(**kwargs) -> DfkdmModel:
         "base_channels": 8,
         "num_downsamples": 2,
         "n_components": 0,
+        "density": "kde",
     }
     return DfkdmModel(**{**defaults, **kwargs})
 

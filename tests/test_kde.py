@@ -88,11 +88,12 @@ def test_gaussian_density_matches_scipy_multivariate_normal() -> None:
     np.testing.assert_allclose(density(queries).numpy(), reference.logpdf(queries.numpy()), rtol=1e-6)
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("density", ["kde", "gaussian"])
 @pytest.mark.parametrize("scaling", ["none", "scale", "standardize", "norm"])
-def test_constant_features_give_finite_scores(density: str, scaling: str) -> None:
+def test_constant_features_give_finite_scores(density: str, scaling: str, residual: bool) -> None:
     constant = torch.full((30, 12), 0.5)
-    model = FeatureDensity(density=density, feature_scaling=scaling, n_components=4, bandwidth="loo")
+    model = FeatureDensity(density=density, feature_scaling=scaling, n_components=4, bandwidth="loo", residual=residual)
     model.fit(constant)
     same = model(torch.full((3, 12), 0.5))
     different = model(torch.full((3, 12), 0.9))
@@ -152,3 +153,69 @@ def test_bad_input_gets_a_clear_error() -> None:
         FeatureDensity().fit(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
     with pytest.raises(ValueError, match="at least 2"):
         GaussianKde().fit(torch.zeros(1, 3))
+
+
+def test_gaussian_with_residual_is_the_probabilistic_pca_likelihood() -> None:
+    """density=gaussian + residual = log N(x; mean, V diag(lambda) V^T + sigma^2 (I - V V^T)), sigma^2 = mean
+    discarded eigenvalue: the probabilistic-PCA model with the sample variances inside the subspace."""
+    stats = pytest.importorskip("scipy.stats")
+    points = _correlated_points(300, 10, seed=5)
+    pca = PrincipalComponents(3, residual=True)
+    pca.fit(points)
+    gaussian = GaussianDensity()
+    gaussian.fit(pca(points))
+    model = FeatureDensity(density="gaussian", n_components=3, feature_scaling="none", residual=True)
+    model.fit(points)  # the same chain, in float32
+    centred = points - points.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / (len(points) - 1))
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    kept = eigenvectors[:, :3]
+    sigma2 = eigenvalues[3:].mean()
+    cov = kept @ torch.diag(eigenvalues[:3]) @ kept.T + sigma2 * (torch.eye(10, dtype=torch.float64) - kept @ kept.T)
+    reference = stats.multivariate_normal(points.mean(0).numpy(), cov.numpy())
+    queries = points[:10] * 1.5
+    torch.testing.assert_close(float(pca.residual_variance), float(sigma2), rtol=1e-6, atol=0)
+    log_density = gaussian(pca(queries)) + pca.residual_log_density(queries)
+    np.testing.assert_allclose(log_density.numpy(), reference.logpdf(queries.numpy()), rtol=1e-6)
+    np.testing.assert_allclose(-model(queries.float()).numpy(), reference.logpdf(queries.numpy()), rtol=1e-4)
+
+
+def test_residual_sees_an_anomaly_outside_the_kept_components() -> None:
+    # normal data lives (mostly) in a 3-D subspace of 20-D; the anomaly moves only along a discarded direction
+    generator = torch.Generator().manual_seed(6)
+    basis = torch.linalg.qr(torch.randn(20, 20, generator=generator, dtype=torch.float64))[0]
+    coefficients = torch.randn(400, 20, generator=generator, dtype=torch.float64) * torch.tensor([5.0] * 3 + [0.1] * 17)
+    basis, coefficients = basis.float(), coefficients.float()
+    normal = coefficients @ basis.T
+    anomaly = normal[300:310] + 2.0 * basis[:, -1]
+    subspace_only = FeatureDensity(density="gaussian", n_components=3, feature_scaling="none")
+    with_residual = FeatureDensity(density="gaussian", n_components=3, feature_scaling="none", residual=True)
+    subspace_only.fit(normal[:300])
+    with_residual.fit(normal[:300])
+    # the projection barely moves: the subspace density cannot tell the anomaly from its normal source
+    torch.testing.assert_close(subspace_only(anomaly), subspace_only(normal[300:310]), rtol=0.05, atol=0.5)
+    assert float(with_residual(anomaly).min()) > float(with_residual(normal[300:]).max())
+
+
+def test_n_components_as_a_variance_fraction() -> None:
+    generator = torch.Generator().manual_seed(7)
+    points = torch.randn(200, 6, generator=generator, dtype=torch.float64) * torch.tensor(
+        [10.0, 5.0, 1.0, 0.1, 0.1, 0.1]
+    )
+    for fraction, expected in ((0.5, 1), (0.95, 2), (0.999, 3)):
+        pca = PrincipalComponents(fraction)
+        pca.fit(points)
+        assert pca.output_dim == expected, (fraction, pca.output_dim)
+    with pytest.raises(ValueError, match="n_components"):
+        PrincipalComponents(2.5)
+
+
+def test_residual_leaves_a_direction_with_variance_out_and_survives_a_state_dict_round_trip() -> None:
+    points = torch.randn(10, 30)  # rank 9: keeping 9 or more components would leave no variance outside
+    model = FeatureDensity(density="gaussian", n_components=20, residual=True)
+    model.fit(points)
+    assert model.pca.output_dim == 8
+    assert float(model.pca.residual_variance) > 1e-3
+    fresh = FeatureDensity(density="gaussian", n_components=20, residual=True)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(points), model(points))

@@ -10,7 +10,8 @@ from the data (so every far anomaly gets the same score) and only knows Scott's 
   ``scipy.stats.gaussian_kde`` for the same bandwidth factor;
 - ``GaussianDensity`` is the single-Gaussian alternative (Mahalanobis distance plus normaliser);
 - ``FeatureDensity`` chains them, fits on a capped random sample (fit cost stays bounded) and turns the
-  log density into an anomaly score (negative log density), optionally calibrated to [0, 1].
+  log density into an anomaly score (negative log density), optionally calibrated to [0, 1]; with
+  ``residual=True`` it also scores the residual outside the kept PCA components (probabilistic PCA).
 
 Fitting may use any Python; ``forward`` uses only tensor operations with shapes fixed at fit time.
 """
@@ -150,22 +151,52 @@ class FeatureScaler(DynamicBufferMixin):
 class PrincipalComponents(DynamicBufferMixin):
     """PCA projection onto the leading ``n_components`` directions (clamped to what the data supports).
 
-    ``n_components <= 0`` keeps every dimension (the projection is then only a centring). The last
-    ``passthrough`` features skip the projection and are appended centred: a few strong, hand-made features
-    (LAKE's reconstruction errors) must not be drowned by the variance of a long latent code.
+    ``n_components`` is a count (``>= 1``), a fraction of the variance to keep (``0 < n_components < 1``, as in
+    scikit-learn and anomalib's Dfm), or ``<= 0`` to keep every dimension (the projection is then only a
+    centring). The last ``passthrough`` features skip the projection and are appended centred: a few strong,
+    hand-made features (LAKE's reconstruction errors) must not be drowned by the variance of a long latent code.
+
+    With ``residual=True`` the fit also keeps what the projection throws away: the mean variance of the
+    discarded directions, ``residual_variance`` (probabilistic PCA's sigma^2), so that
+    ``residual_log_density`` can score the part of a feature vector that lies outside the kept subspace. At
+    least one direction with non-zero variance is then left out, so sigma^2 is estimated from data.
     """
 
-    def __init__(self, n_components: int = 16, passthrough: int = 0) -> None:
+    def __init__(self, n_components: int | float = 16, passthrough: int = 0, residual: bool = False) -> None:
         super().__init__()
         if passthrough < 0:
             msg = f"passthrough={passthrough} must be >= 0"
             raise ValueError(msg)
+        if isinstance(n_components, float) and 0 < n_components < 1:
+            pass  # a fraction of the variance
+        elif n_components != int(n_components):
+            msg = f"n_components={n_components} must be an integer or a fraction in (0, 1)"
+            raise ValueError(msg)
         self.n_components = n_components
         self.passthrough = passthrough
+        self.residual = residual
         self.register_buffer("mean", torch.zeros(1))
         self.register_buffer("components", torch.ones(1, 1))
+        self.register_buffer("residual_variance", torch.ones(()))
+        self.register_buffer("residual_dim", torch.zeros(()))
         self.mean: torch.Tensor
         self.components: torch.Tensor
+        self.residual_variance: torch.Tensor
+        self.residual_dim: torch.Tensor
+
+    def _num_kept(self, variances: torch.Tensor, projected_dim: int, num_points: int) -> int:
+        """How many leading components to keep, given the explained variances in decreasing order."""
+        if isinstance(self.n_components, float) and 0 < self.n_components < 1:
+            fraction = torch.cumsum(variances, 0) / variances.sum().clamp_min(torch.finfo(variances.dtype).tiny)
+            keep = int((fraction < self.n_components).sum()) + 1
+        else:
+            keep = int(self.n_components)
+        keep = min(keep, projected_dim, max(num_points - 1, 1))
+        if self.residual:
+            # keep at least one direction with variance outside the subspace: sigma^2 must come from data
+            rank = int((variances > variances[0] * 1e-10).sum()) if variances.numel() else 0
+            keep = min(keep, max(rank - 1, 1), projected_dim - 1)
+        return max(keep, 1)
 
     def fit(self, features: torch.Tensor) -> None:
         _check_points(features, "PrincipalComponents.fit")
@@ -175,19 +206,33 @@ class PrincipalComponents(DynamicBufferMixin):
             raise ValueError(msg)
         projected_dim = dim - self.passthrough
         mean = features.mean(dim=0)
+        residual_variance = torch.ones((), dtype=features.dtype, device=features.device)
+        residual_dim = 0
         if self.n_components <= 0:
             components = torch.eye(projected_dim, dtype=features.dtype, device=features.device)
         else:
-            keep = min(self.n_components, projected_dim, max(num_points - 1, 1))
             centred = (features[:, :projected_dim] - mean[:projected_dim]).double()
-            _, _, v_h = torch.linalg.svd(centred, full_matrices=False)
+            _, singular_values, v_h = torch.linalg.svd(centred, full_matrices=False)
+            variances = singular_values.pow(2) / max(num_points - 1, 1)  # eigenvalues of the covariance
+            keep = self._num_kept(variances, projected_dim, num_points)
             components = v_h[:keep].T.to(features.dtype)
+            residual_dim = projected_dim - keep
+            if residual_dim > 0:
+                # PPCA's maximum-likelihood sigma^2: the discarded variance spread over every discarded direction
+                # (directions beyond the data's rank have zero variance and count too); floored, so constant
+                # features stay finite
+                total = variances.sum()
+                discarded = (total - variances[:keep].sum()).clamp_min(0.0) / residual_dim
+                floor = _RIDGE * (total / projected_dim + 1.0)
+                residual_variance = discarded.clamp_min(floor).to(features.dtype)
         # one block-diagonal matrix: projection for the first block, identity for the passthrough block
         full = torch.zeros(dim, components.shape[1] + self.passthrough, dtype=features.dtype, device=features.device)
         full[:projected_dim, : components.shape[1]] = components
         full[projected_dim:, components.shape[1] :] = torch.eye(self.passthrough, dtype=features.dtype)
         self.mean = mean
         self.components = full
+        self.residual_variance = residual_variance
+        self.residual_dim = torch.tensor(float(residual_dim), dtype=features.dtype, device=features.device)
 
     @property
     def output_dim(self) -> int:
@@ -195,6 +240,20 @@ class PrincipalComponents(DynamicBufferMixin):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.mean) @ self.components
+
+    def residual_log_density(self, features: torch.Tensor) -> torch.Tensor:
+        """Log density of the part of each row outside the kept subspace: isotropic Gaussian, variance sigma^2.
+
+        ``-0.5 * |x - reconstruction|^2 / sigma^2 - 0.5 * (d - k) * log(2 pi sigma^2)``, shape (N,). Added to a
+        density of the projected features it gives a density of the full feature vector (probabilistic PCA's
+        log likelihood when that density is a Gaussian). The passthrough block is reconstructed exactly.
+        """
+        centred = features - self.mean
+        reconstruction = (centred @ self.components) @ self.components.T
+        squared = (centred - reconstruction).pow(2).sum(dim=1)
+        return -0.5 * squared / self.residual_variance - 0.5 * self.residual_dim * torch.log(
+            2 * math.pi * self.residual_variance
+        )
 
 
 class GaussianKde(DynamicBufferMixin):
@@ -297,6 +356,14 @@ class GaussianDensity(DynamicBufferMixin):
 class FeatureDensity(DynamicBufferMixin):
     """Scaling, PCA and a density, fitted on normal features; ``forward`` gives the negative log density.
 
+    A density of the PCA projection alone ignores everything outside the kept components, which is where
+    anomalies often show (anomalib's Dfm scores exactly that reconstruction residual). ``residual=True`` models
+    the discarded directions too, as an isotropic Gaussian with probabilistic PCA's variance sigma^2 (the mean
+    discarded variance): log p(x) = log p_subspace(projection) - |residual|^2 / (2 sigma^2) - (d - k)/2
+    log(2 pi sigma^2). With ``density="gaussian"`` that is the probabilistic-PCA likelihood (in-subspace
+    Mahalanobis distance + residual / sigma^2); with ``density="kde"`` a KDE in the subspace times the same
+    Gaussian across it. The passthrough features are never projected away, so they add no residual.
+
     ``calibrated_score`` maps that score to [0, 1] with a logistic curve centred on the median score of the
     normal fit points (leave-one-out for the KDE, so a point does not explain itself) and scaled by their
     spread: 0.5 is a typical normal image, values near 1 are far outside the normal distribution.
@@ -306,15 +373,20 @@ class FeatureDensity(DynamicBufferMixin):
         self,
         density: DensityKind = "kde",
         bandwidth: BandwidthRule | float = "scott",
-        n_components: int = 16,
+        n_components: int | float = 16,
         feature_scaling: ScalingMethod = "standardize",
         max_training_points: int = 2000,
         seed: int = 0,
         passthrough: int = 0,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         if density not in DENSITY_KINDS:
             msg = f"density={density!r} is not one of {DENSITY_KINDS}"
+            raise ValueError(msg)
+        if not (isinstance(bandwidth, int | float) and bandwidth > 0) and bandwidth not in BANDWIDTH_RULES:
+            # checked for every density, so a typo in a config fails even while the KDE is not selected
+            msg = f"bandwidth={bandwidth!r} must be one of {BANDWIDTH_RULES} or a positive factor"
             raise ValueError(msg)
         if max_training_points < 2:
             msg = f"max_training_points={max_training_points} must be at least 2"
@@ -322,7 +394,9 @@ class FeatureDensity(DynamicBufferMixin):
         self.max_training_points = max_training_points
         self.seed = seed
         self.scaler = FeatureScaler(feature_scaling)
-        self.pca = PrincipalComponents(n_components, passthrough)
+        # without PCA (n_components <= 0) nothing is discarded, so there is no residual to model
+        self.residual = residual and n_components > 0
+        self.pca = PrincipalComponents(n_components, passthrough, residual=self.residual)
         self.estimator: GaussianKde | GaussianDensity = (
             GaussianKde(bandwidth) if density == "kde" else GaussianDensity()
         )
@@ -348,6 +422,8 @@ class FeatureDensity(DynamicBufferMixin):
             normal_scores = -self.estimator.leave_one_out_log_density()
         else:
             normal_scores = -self.estimator(projected)
+        if self.residual:
+            normal_scores = normal_scores - self.pca.residual_log_density(scaled)
         center = normal_scores.median()
         spread = (normal_scores - center).abs().median() * 1.4826  # robust standard deviation
         self.score_center = center.detach()
@@ -360,7 +436,11 @@ class FeatureDensity(DynamicBufferMixin):
         Clamped to a large finite value: when the normal features have (near) zero variance, any deviation
         overflows float32, and an infinite score would break min-max normalisation downstream.
         """
-        return (-self.estimator(self.pca(self.scaler(features)))).clamp(-MAX_SCORE, MAX_SCORE)
+        scaled = self.scaler(features)
+        log_density = self.estimator(self.pca(scaled))
+        if self.residual:
+            log_density = log_density + self.pca.residual_log_density(scaled)
+        return (-log_density).clamp(-MAX_SCORE, MAX_SCORE)
 
     def calibrated_score(self, score: torch.Tensor) -> torch.Tensor:
         """Anomaly score mapped to [0, 1]; monotone, so rankings and AUROC are unchanged."""

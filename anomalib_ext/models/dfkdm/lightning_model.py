@@ -55,7 +55,10 @@ class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         density: ``kde`` or ``gaussian``.
         bandwidth: KDE bandwidth rule ``scott``, ``silverman``, ``loo`` (max leave-one-out likelihood) or a
             positive factor.
-        n_components: PCA components (``<= 0``: no reduction).
+        n_components: PCA components: a count, a fraction of the variance in (0, 1), or ``<= 0`` (no reduction).
+        residual: add the log density of the residual outside the kept components (isotropic Gaussian with
+            probabilistic PCA's variance): with ``density="gaussian"`` the score is the probabilistic-PCA negative
+            log likelihood, in-subspace Mahalanobis distance + residual / sigma^2.
         feature_scaling: ``standardize``, ``scale``, ``norm`` or ``none``, before PCA.
         max_training_points: cap on the points the density is fitted on (random, seeded sample).
         calibrate: scores in [0, 1] instead of the raw negative log density.
@@ -80,9 +83,10 @@ class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         l2_weight: float = 1.0,
         ssim_weight: float = 1.0,
         beta: float = 1e-3,
-        density: DensityKind = "kde",
+        density: DensityKind = "gaussian",
         bandwidth: BandwidthRule | float = "loo",
-        n_components: int = 16,
+        n_components: int | float = 0.97,
+        residual: bool = True,
         feature_scaling: ScalingMethod = "standardize",
         max_training_points: int = 2000,
         calibrate: bool = False,
@@ -118,6 +122,7 @@ class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
             density=density,
             bandwidth=bandwidth,
             n_components=n_components,
+            residual=residual,
             feature_scaling=feature_scaling,
             max_training_points=max_training_points,
             calibrate=calibrate,

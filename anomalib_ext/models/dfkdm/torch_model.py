@@ -67,6 +67,8 @@ class DfkdmModel(nn.Module):
         density, bandwidth, n_components, feature_scaling, max_training_points: the density (see
             ``FeatureDensity``). In ``autoencoder`` mode PCA applies to the latent code only; the
             reconstruction-error features bypass it.
+        residual: also score what PCA discards (probabilistic PCA: isotropic Gaussian on the residual outside
+            the kept components). No effect without PCA (``n_components <= 0``).
         calibrate: report ``sigmoid((nll - median) / spread)`` in [0, 1] instead of the raw negative log
             density. Monotone: AUROC and thresholds on validation data are unaffected.
         map_sigma: standard deviation (pixels) of the Gaussian that smooths the residual map; 0 disables.
@@ -84,9 +86,10 @@ class DfkdmModel(nn.Module):
         base_channels: int = 32,
         num_downsamples: int = 4,
         variational: bool = False,
-        density: DensityKind = "kde",
+        density: DensityKind = "gaussian",
         bandwidth: BandwidthRule | float = "loo",
-        n_components: int = 16,
+        n_components: int | float = 0.97,
+        residual: bool = True,
         feature_scaling: ScalingMethod = "standardize",
         max_training_points: int = 2000,
         calibrate: bool = False,
@@ -121,6 +124,7 @@ class DfkdmModel(nn.Module):
             density=density,
             bandwidth=bandwidth,
             n_components=n_components,
+            residual=residual,
             feature_scaling=feature_scaling,
             max_training_points=max_training_points,
             passthrough=RECONSTRUCTION_FEATURES if feature_source == "autoencoder" else 0,

@@ -13,6 +13,7 @@ def _build() -> Dfkdm:
         num_downsamples=3,
         learning_rate=3e-3,
         n_components=0,  # tiny data: PCA would drop informative latent directions
+        density="kde",
         bandwidth="loo",
     )
 
