@@ -63,7 +63,6 @@ def _wait_for(pattern: str, root: Path, process: subprocess.Popen, timeout: floa
     return []
 
 
-
 @pytest.fixture(scope="module", params=[signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def interrupted(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[signal.Signals, int, str, Path]:
     """``anomalib train`` of a gradient-trained model, interrupted after its first checkpoint."""
