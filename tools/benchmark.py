@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarking.cell import run_cell
 
         return run_cell(args.run_cell)
+    created_out: Path | None = None
     try:
         out, resuming = choose_out_dir(args)
         settings = settings_from(args)
@@ -358,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                 {"command": command_line(argv), "at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M")}
             )
         else:
+            if not out.exists():
+                created_out = out
             out.mkdir(parents=True, exist_ok=True)
             manifest = {
                 "command": command_line(argv),
@@ -381,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest_path.write_text(json.dumps(manifest, indent=2))
     except (SpecError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        if created_out is not None and not (created_out / MANIFEST).exists():
+            # nothing ran: remove the folder this call made (only links and split lists), so a rerun may use it
+            shutil.rmtree(created_out, ignore_errors=True)
         return 2
 
     signal.signal(signal.SIGTERM, _interrupt)

@@ -168,6 +168,7 @@ def test_benchmark_names_a_bad_dataset_file_before_running_cells(
     assert not cells, "cells ran on a dataset with an unreadable file"
     assert code == 2
     assert str(bad) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "a failed check left an empty --out folder behind"
 
 
 # --- tools/infer_openvino.py (its reader; the rest has its own tests) ----------------------------------------
