@@ -196,10 +196,7 @@ def check_dataset(spec: DatasetSpec) -> None:
             for folder in sorted(child for child in path.iterdir() if child.is_dir()):
                 check_image_folder(folder, role=folder.name, allow_empty=True)
     except DataValidationError as error:
-        bad, reason = error.problems[0]
-        more = len(error.problems) - 1
-        tail = f" (and {more} more problem{'s' if more > 1 else ''}; list them all with: {listing})" if more else ""
-        msg = f"--dataset {spec.label}: {bad}: {reason}{tail}"
+        msg = f"--dataset {spec.label}: {error.first_problem(listing)}"
         raise SpecError(msg) from None
 
 

@@ -92,12 +92,8 @@ def check_data(root: Path, category: str, need_test: bool) -> None:
     try:
         check_mvtec_layout(root, category, require_anomalies=need_test)
     except DataValidationError as error:
-        path, reason = error.problems[0]
-        more = len(error.problems) - 1
         listing = f"python -m anomalib_ext.data.validation {root} --category {category}"
-        tail = f" (and {more} more problem{'s' if more > 1 else ''}; list them all with: {listing})" if more else ""
-        msg = f"{path}: {reason}{tail}"
-        raise UsageError(msg) from None
+        raise UsageError(error.first_problem(listing)) from None
 
 
 def resolve_checkpoint(ckpt_path: str, model: str, category: str, overwrite: bool = False) -> Path:

@@ -57,6 +57,18 @@ class DataValidationError(ValueError):
             lines.append(f"  ... and {len(self.problems) - 50} more")
         super().__init__(head + ":\n" + "\n".join(lines))
 
+    def first_problem(self, listing: str = "") -> str:
+        """One line for a command-line tool: the first file and its problem, and how many more there are.
+
+        ``listing`` is the command that lists them all (``python -m anomalib_ext.data.validation ...``).
+        """
+        path, reason = self.problems[0]
+        more = len(self.problems) - 1
+        if not more:
+            return f"{path}: {reason}"
+        where = f"; list them all with: {listing}" if listing else ""
+        return f"{path}: {reason} (and {more} more problem{'s' if more > 1 else ''}{where})"
+
 
 @dataclass(frozen=True)
 class ImageInfo:
