@@ -26,7 +26,6 @@ Splits (the test split never picks a threshold):
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,12 +38,11 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
-from .duplicates import file_digest
+from .duplicates import without_copies_of
 from .validation import check_dice_layout
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIR = "good"
-logger = logging.getLogger(__name__)
 _SESSION = re.compile(r"(?<!\d)([0-3]\d_[01]\d_2\d)(?!\d)")  # dd_mm_yy, e.g. 16_09_21
 
 
@@ -127,15 +125,10 @@ def _without_copies(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame) 
     The real set repeats 457 images across two sessions (see ``duplicates``); seeded fractions split each copy
     independently, so a "held-out" test normal could have its twin in train.
     """
-    digests = {path: file_digest(path) for path in pd.concat([train, val, test]).image_path.unique()}
-    test_digests = {digests[path] for path in test.image_path}
-    val = val[~val.image_path.map(digests).isin(test_digests)]
-    held = test_digests | {digests[path] for path in val.image_path}
-    kept_train = train[~train.image_path.map(digests).isin(held)]
-    dropped = len(train) - len(kept_train)
-    if dropped:
-        logger.info("Dice: dropped %d training image(s) that are copies of validation or test images", dropped)
-    return kept_train, val
+    val = val[val.image_path.isin(without_copies_of(list(val.image_path), test.image_path, "validation"))]
+    held = [*test.image_path, *val.image_path]
+    train = train[train.image_path.isin(without_copies_of(list(train.image_path), held, "training"))]
+    return train, val
 
 
 class DiceDataset(AnomalibDataset):

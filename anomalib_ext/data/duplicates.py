@@ -7,20 +7,35 @@ leaks. Files are compared by content hash, which is cheap (no decoding) and exac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 logger = logging.getLogger(__name__)
+PathLike = TypeVar("PathLike", str, Path)
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-1 of the file's bytes."""
+    """SHA-1 of the file's bytes.
+
+    Cached on (path, modification time, size): a split filters one set against several others, and each file is
+    then read once; a file changed on disk gets a new key.
+    """
+    stat = os.stat(path)
+    return _digest(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=65536)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    del mtime_ns, size  # only part of the cache key
     return hashlib.sha1(Path(path).read_bytes(), usedforsecurity=False).hexdigest()
 
 
-def without_copies_of(candidates: list[Path], held_out: Iterable[Path], what: str = "") -> list[Path]:
+def without_copies_of(candidates: Sequence[PathLike], held_out: Iterable[str | Path], what: str = "") -> list[PathLike]:
     """``candidates`` minus every file whose content equals a file of ``held_out``; says how many it dropped."""
     held = {file_digest(path) for path in held_out}
     kept = [path for path in candidates if file_digest(path) not in held]
