@@ -167,12 +167,10 @@ class PrincipalComponents(DynamicBufferMixin):
         if passthrough < 0:
             msg = f"passthrough={passthrough} must be >= 0"
             raise ValueError(msg)
-        if isinstance(n_components, float) and 0 < n_components < 1:
-            pass  # a fraction of the variance
-        elif n_components != int(n_components):
+        self.n_components = n_components
+        if not self._keeps_fraction and n_components != int(n_components):
             msg = f"n_components={n_components} must be an integer or a fraction in (0, 1)"
             raise ValueError(msg)
-        self.n_components = n_components
         self.passthrough = passthrough
         self.residual = residual
         self.register_buffer("mean", torch.zeros(1))
@@ -184,9 +182,14 @@ class PrincipalComponents(DynamicBufferMixin):
         self.residual_variance: torch.Tensor
         self.residual_dim: torch.Tensor
 
+    @property
+    def _keeps_fraction(self) -> bool:
+        """``n_components`` is a fraction of the variance to keep, not a count."""
+        return isinstance(self.n_components, float) and 0 < self.n_components < 1
+
     def _num_kept(self, variances: torch.Tensor, projected_dim: int, num_points: int) -> int:
         """How many leading components to keep, given the explained variances in decreasing order."""
-        if isinstance(self.n_components, float) and 0 < self.n_components < 1:
+        if self._keeps_fraction:
             fraction = torch.cumsum(variances, 0) / variances.sum().clamp_min(torch.finfo(variances.dtype).tiny)
             keep = int((fraction < self.n_components).sum()) + 1
         else:
@@ -241,15 +244,18 @@ class PrincipalComponents(DynamicBufferMixin):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.mean) @ self.components
 
-    def residual_log_density(self, features: torch.Tensor) -> torch.Tensor:
+    def residual_log_density(self, features: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
         """Log density of the part of each row outside the kept subspace: isotropic Gaussian, variance sigma^2.
 
         ``-0.5 * |x - reconstruction|^2 / sigma^2 - 0.5 * (d - k) * log(2 pi sigma^2)``, shape (N,). Added to a
         density of the projected features it gives a density of the full feature vector (probabilistic PCA's
         log likelihood when that density is a Gaussian). The passthrough block is reconstructed exactly.
+        ``projected`` is ``self(features)`` when the caller already has it (saves the projection).
         """
         centred = features - self.mean
-        reconstruction = (centred @ self.components) @ self.components.T
+        if projected is None:
+            projected = centred @ self.components
+        reconstruction = projected @ self.components.T
         squared = (centred - reconstruction).pow(2).sum(dim=1)
         return -0.5 * squared / self.residual_variance - 0.5 * self.residual_dim * torch.log(
             2 * math.pi * self.residual_variance
@@ -423,7 +429,7 @@ class FeatureDensity(DynamicBufferMixin):
         else:
             normal_scores = -self.estimator(projected)
         if self.residual:
-            normal_scores = normal_scores - self.pca.residual_log_density(scaled)
+            normal_scores = normal_scores - self.pca.residual_log_density(scaled, projected)
         center = normal_scores.median()
         spread = (normal_scores - center).abs().median() * 1.4826  # robust standard deviation
         self.score_center = center.detach()
@@ -437,9 +443,10 @@ class FeatureDensity(DynamicBufferMixin):
         overflows float32, and an infinite score would break min-max normalisation downstream.
         """
         scaled = self.scaler(features)
-        log_density = self.estimator(self.pca(scaled))
+        projected = self.pca(scaled)
+        log_density = self.estimator(projected)
         if self.residual:
-            log_density = log_density + self.pca.residual_log_density(scaled)
+            log_density = log_density + self.pca.residual_log_density(scaled, projected)
         return (-log_density).clamp(-MAX_SCORE, MAX_SCORE)
 
     def calibrated_score(self, score: torch.Tensor) -> torch.Tensor:
