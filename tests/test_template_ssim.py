@@ -237,3 +237,81 @@ def test_lighting_changes_are_discounted_but_a_thin_line_is_not(dice_data: Path)
     torch.testing.assert_close(
         model.match_photometry(darker[None, :1], normal[None, :1]), normal[None, :1], atol=0.05, rtol=0
     )
+
+
+def _session(images: torch.Tensor, gain: float, seed: int) -> torch.Tensor:
+    """Another lighting session: scaled grey levels plus the same sensor noise (so darker = noisier once matched)."""
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * 0.03
+    return (images * gain + noise).clamp(0, 1)
+
+
+def test_gain_trend_takes_the_lighting_out_of_normal_scores(tmp_path: Path) -> None:
+    """Normals of a darker session score like those of the bright one once the per-class score follows the
+    photometric gain, and a planted mark on a dark image still scores above every normal of either session."""
+    root = make_dice_dataset(tmp_path, image_size=96, n_train_per_class=16, n_test_good_per_class=1, seed=3)
+    classes = _class_images(root)
+    names = sorted(classes)[:4]
+    templates = [_session(classes[n][:6], 1.0, 0) for n in names]
+    calibration = [
+        torch.cat([_session(classes[n][6:12], gain, seed) for gain in (1.0, 0.7) for seed in (1, 2)]) for n in names
+    ]
+    bright = torch.cat([_session(classes[n][12:], 1.0, 7) for n in names])
+    dark = torch.cat([_session(classes[n][12:], 0.7, 8) for n in names])
+    marked = dark[:1].clone()
+    yy, xx = torch.meshgrid(torch.arange(96), torch.arange(96), indexing="ij")
+    marked[:, :, ((yy - 60) ** 2 + (xx - 40) ** 2) <= 16] = 0.05
+    gaps = {}
+    for trend in (False, True):
+        model = TemplateSsimModel(angles=ANGLES, max_shift=8, photometric=True, residual=True, gain_trend=trend).eval()
+        model.fit(templates, calibration)
+        with torch.no_grad():
+            scores = model(torch.cat([bright, dark, marked])).pred_score
+        gaps[trend] = float(scores[len(bright) : -1].median() - scores[: len(bright)].median())
+        assert scores[-1] > scores[:-1].max() + 1.0
+    assert gaps[False] > 0.8  # darker = noisier once matched: the effect is there without the trend ...
+    assert abs(gaps[True]) < gaps[False] / 2  # ... and mostly gone with it
+    assert model.gain_slope.shape == (4,) and bool((model.gain_slope < 0).all())
+
+
+def test_gain_trend_does_not_extrapolate_beyond_the_normals() -> None:
+    """A gain far outside the held-out normals' range gets the centre at the edge of that range."""
+    model = TemplateSsimModel(angles=[0.0], photometric=True, gain_trend=True)
+    model.class_center = torch.tensor([1.0])
+    model.gain_reference, model.gain_slope = torch.tensor([0.95]), torch.tensor([-20.0])
+    model.gain_low, model.gain_high = torch.tensor([0.85]), torch.tensor([1.05])
+    centers = model.normal_center(torch.tensor([0, 0, 0]), torch.tensor([0.3, 0.9, 1.5]))
+    torch.testing.assert_close(centers, torch.tensor([1.0 + 20 * 0.1, 1.0 + 20 * 0.05, 1.0 - 20 * 0.1]))
+
+
+def test_checkpoint_from_before_the_gain_trend_loads(fitted, dice_data: Path) -> None:
+    """A state dict without the gain buffers (older checkpoints) loads and scores as before: no trend."""
+    model, names = fitted
+    state = {key: value for key, value in model.state_dict().items() if not key.startswith("gain_")}
+    reloaded = TemplateSsimModel(angles=ANGLES, max_shift=8, gain_trend=True).eval()
+    reloaded.load_state_dict(state)
+    images = _class_images(dice_data, "test")[names[0]]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images).pred_score, model(images).pred_score)
+    assert reloaded.gain_slope.numel() == 0
+
+
+def test_fit_does_not_depend_on_the_order_of_the_training_images(dice_data: Path) -> None:
+    """The per-class sample is keyed on image content, so a shuffled loader gives the same templates and
+    statistics (a shuffled order used to change which images built the template and the F1 with it)."""
+    from anomalib.data import ImageBatch
+
+    paths = sorted((dice_data / "train" / "good").glob("*/*.png"))
+    images = torch.stack([_read(path) for path in paths])
+
+    def fitted(order: torch.Tensor) -> TemplateSsim:
+        model = TemplateSsim(image_size=96, angles=ANGLES, max_shift=8, max_images_per_class=5, visualizer=False)
+        for chunk in order.split(16):
+            model.training_step(ImageBatch(image=images[chunk], image_path=[str(paths[i]) for i in chunk]))
+        model.fit()
+        return model
+
+    first = fitted(torch.arange(len(paths)))
+    second = fitted(torch.randperm(len(paths), generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(first.model.templates, second.model.templates)
+    torch.testing.assert_close(first.model.class_center, second.model.class_center)
+    torch.testing.assert_close(first.model.gain_slope, second.model.gain_slope)

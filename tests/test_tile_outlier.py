@@ -128,6 +128,20 @@ def test_reservoir_keeps_at_most_its_capacity_and_samples_uniformly() -> None:
     assert 3000 < kept.mean().item() < 7000  # not just the first or last batches
 
 
+def test_reservoir_sample_does_not_depend_on_the_stream_order() -> None:
+    items = torch.randn(1_000, 4)
+    samples = []
+    for order in (torch.arange(1_000), torch.randperm(1_000, generator=torch.Generator().manual_seed(0))):
+        reservoir = ReservoirSampler(capacity=50, seed=3)
+        for chunk in order.split(37):
+            reservoir.add(items[chunk])
+        samples.append(reservoir.samples())
+    torch.testing.assert_close(samples[0], samples[1])
+    other_seed = ReservoirSampler(capacity=50, seed=4)
+    other_seed.add(items)
+    assert not torch.equal(other_seed.samples(), samples[0])
+
+
 @pytest.mark.parametrize("position_aware", [True, False])
 def test_bank_cap_is_respected(position_aware: bool) -> None:
     from anomalib_ext.models.tile_outlier import TileOutlierModel

@@ -129,6 +129,7 @@ def run_dice(args: argparse.Namespace) -> dict:
         pixel_statistics=args.pixel_statistics,
         photometric=args.photometric,
         residual=args.residual,
+        gain_trend=args.gain_trend,
         illumination_sigma=args.illumination_sigma,
         visualizer=False,
         seed=args.seed,
@@ -148,6 +149,7 @@ def run_dice(args: argparse.Namespace) -> dict:
             "train_images": len(datamodule.train_data),
             "fit_seconds_under_shared_load": round(fit_seconds, 1),
         },
+        "gain_slopes": dict(zip(model.class_names, model.model.gain_slope.tolist(), strict=False)),
         "threshold_normalised": float(model.post_processor.normalized_image_threshold),
         "model": {
             "topk_fraction": args.topk_fraction,
@@ -158,6 +160,7 @@ def run_dice(args: argparse.Namespace) -> dict:
             "pixel_statistics": args.pixel_statistics,
             "photometric": args.photometric,
             "residual": args.residual,
+            "gain_trend": args.gain_trend,
             "illumination_sigma": args.illumination_sigma,
         },
     }
@@ -193,7 +196,7 @@ def run_dice(args: argparse.Namespace) -> dict:
         "examples": wrong[:10],
     }
     np.savez(
-        args.out / "dice_predictions.npz",
+        args.out / f"dice_predictions{args.tag}.npz",
         **{f"{k}_{n}": v for n, s in (("val", validation), ("test", test)) for k, v in s.items()},
     )
     return result
@@ -224,6 +227,7 @@ def run_bottle(args: argparse.Namespace) -> dict:
         pixel_statistics=args.pixel_statistics,
         photometric=args.photometric,
         residual=args.residual,
+        gain_trend=args.gain_trend,
         illumination_sigma=args.illumination_sigma,
         seed=args.seed,
     )
@@ -243,6 +247,7 @@ def run_bottle(args: argparse.Namespace) -> dict:
             "pixel_statistics": args.pixel_statistics,
             "photometric": args.photometric,
             "residual": args.residual,
+            "gain_trend": args.gain_trend,
             "illumination_sigma": args.illumination_sigma,
         },
     }
@@ -269,6 +274,7 @@ def run_speed(args: argparse.Namespace) -> dict:
         max_images_per_class=16,
         photometric=args.photometric,
         residual=args.residual,
+        gain_trend=args.gain_trend,
         illumination_sigma=args.illumination_sigma,
         seed=args.seed,
         visualizer=False,
@@ -359,9 +365,32 @@ def run_speed_openvino(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_sessions(args: argparse.Namespace) -> dict:
+    """Validation normal scores per acquisition session, from a dice run's predictions (``--tag`` picks the run).
+
+    The threshold is 0.5 on these normalised scores; a lighting session whose normals sit higher than the others
+    is where false alarms come from. Reads only validation images.
+    """
+    import re
+
+    predictions = np.load(args.out / f"dice_predictions{args.tag}.npz")
+    paths, scores, labels = predictions["path_val"], predictions["score_val"], predictions["label_val"]
+    sessions = np.array([m.group(1) if (m := re.search(r"_(\d\d_\d\d_\d\d)_", Path(p).name)) else "" for p in paths])
+    result: dict = {"validation_normals_by_session": {}}
+    for session in sorted(set(sessions[labels == 0])):
+        chosen = scores[(labels == 0) & (sessions == session)]
+        result["validation_normals_by_session"][session] = {
+            "images": len(chosen),
+            "median": float(np.median(chosen)),
+            "q99": float(np.quantile(chosen, 0.99)),
+        }
+    result["validation_lowest_anomalies"] = np.sort(scores[labels == 1])[:3].tolist()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=["dice", "bottle", "speed", "speed_openvino"])
+    parser.add_argument("task", choices=["dice", "bottle", "speed", "speed_openvino", "sessions"])
     parser.add_argument("--xml", type=Path, default=None, help="exported model.xml for speed_openvino")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "template_ssim")
@@ -376,6 +405,9 @@ def main() -> None:
     parser.add_argument("--pixel-statistics", action="store_true", help="standardise maps per pixel")
     parser.add_argument("--photometric", action="store_true", help="match each image's grey levels to its template")
     parser.add_argument("--residual", action="store_true", help="add the intensity-residual map channel")
+    parser.add_argument(
+        "--gain-trend", action="store_true", help="per-class normal score follows the photometric gain (lighting)"
+    )
     parser.add_argument(
         "--illumination-sigma", type=float, default=0.0, help="remove smooth image-template differences (0 = off)"
     )
@@ -399,7 +431,13 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    tasks = {"dice": run_dice, "bottle": run_bottle, "speed": run_speed, "speed_openvino": run_speed_openvino}
+    tasks = {
+        "dice": run_dice,
+        "bottle": run_bottle,
+        "speed": run_speed,
+        "speed_openvino": run_speed_openvino,
+        "sessions": run_sessions,
+    }
     result = tasks[args.task](args)
     result["command"] = "python tools/bench_template_ssim.py " + " ".join(os.sys.argv[1:])
     path = args.out / f"{args.task}{args.tag}.json"

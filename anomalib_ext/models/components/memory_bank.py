@@ -11,6 +11,7 @@ that are solved together in one batched step, which cuts the number of steps by 
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -103,7 +104,13 @@ def greedy_coreset_indices(
 
 
 class ReservoirSampler:
-    """Uniform sample of at most ``capacity`` items (first axis) from a stream of batches (Vitter's algorithm R)."""
+    """Uniform sample of at most ``capacity`` items (first axis) from a stream of batches, whatever its order.
+
+    Every item gets a key, a seeded hash of its bytes, and the ``capacity`` items with the smallest keys are kept
+    (bottom-k sampling). A hash ranks items uniformly at random, like Vitter's reservoir, but the sample depends
+    only on which items were seen, not on the order a shuffled dataloader gave them: the same data and seed give
+    the same fitted model. Identical items share a key, so copies are kept or dropped together.
+    """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
         if not isinstance(capacity, int) or capacity <= 0:
@@ -111,36 +118,38 @@ class ReservoirSampler:
             raise ValueError(msg)
         self.capacity = capacity
         self.seen = 0
-        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._salt = seed.to_bytes(8, "little", signed=True)
         self._store: torch.Tensor | None = None
-        self._filled = 0
+        self._keys = torch.empty(0, dtype=torch.long)
+
+    def _key(self, item: torch.Tensor) -> int:
+        digest = hashlib.blake2b(item.cpu().contiguous().numpy().tobytes(), digest_size=8, salt=self._salt).digest()
+        return int.from_bytes(digest, "little") >> 1  # fits a signed 64-bit tensor
 
     def add(self, batch: torch.Tensor) -> None:
-        """Offer every item of ``batch``; memory never exceeds ``capacity`` items."""
+        """Offer every item of ``batch``; memory never exceeds ``capacity`` items (plus one batch while merging)."""
         batch = batch.detach()
-        if self._store is None:
-            self._store = batch.new_empty((self.capacity, *batch.shape[1:]))
-        elif batch.shape[1:] != self._store.shape[1:]:
+        if self._store is not None and batch.shape[1:] != self._store.shape[1:]:
             msg = f"items of shape {tuple(batch.shape[1:])} differ from earlier ones {tuple(self._store.shape[1:])}"
             raise ValueError(msg)
-        free = min(self.capacity - self._filled, batch.shape[0])
-        if free > 0:
-            self._store[self._filled : self._filled + free] = batch[:free]
-            self._filled += free
-        rest = batch[free:]
-        if rest.shape[0] > 0:
-            positions = torch.arange(self.seen + free, self.seen + batch.shape[0]) + 1
-            slots = (torch.rand(rest.shape[0], generator=self._generator) * positions).long()
-            keep = slots < self.capacity
-            self._store[slots[keep].to(rest.device)] = rest[keep.to(rest.device)]
         self.seen += batch.shape[0]
+        keys = torch.tensor([self._key(item) for item in batch], dtype=torch.long)
+        if len(self._keys) == self.capacity:  # full: only items that beat the largest kept key can enter
+            better = keys < self._keys[-1]
+            if not bool(better.any()):
+                return
+            batch, keys = batch[better.to(batch.device)], keys[better]
+        items = batch if self._store is None else torch.cat([self._store, batch.to(self._store.device)])
+        keys = torch.cat([self._keys, keys])
+        kept = keys.argsort(stable=True)[: self.capacity]  # ascending: the smallest keys, in key order
+        self._store, self._keys = items[kept.to(items.device)], keys[kept]
 
     def samples(self) -> torch.Tensor:
         """The kept items, ``(min(seen, capacity), ...)``."""
         if self._store is None:
             msg = "the reservoir is empty: no training batch was seen"
             raise RuntimeError(msg)
-        return self._store[: self._filled]
+        return self._store
 
     def clear(self) -> None:
-        self._store, self._filled, self.seen = None, 0, 0
+        self._store, self._keys, self.seen = None, torch.empty(0, dtype=torch.long), 0

@@ -11,7 +11,6 @@ Where the class comes from: the path of each training image (``.../good/<class>/
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from torchvision.transforms.v2 import Compose, Resize
 
 from anomalib_ext.data.dice import class_from_path
 from anomalib_ext.models.components import ExportDefaultsMixin, InterruptStatusMixin
+from anomalib_ext.models.components.memory_bank import ReservoirSampler
 
 from .torch_model import TemplateSsimModel
 
@@ -65,6 +65,9 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
             the pre-processed size; 0 = off) before comparing: shading and broad highlights, not thin marks.
             Only for defects narrower than a few sigma (4 at 128 px suits the dice; it hurts the large
             defects of MVTec bottle).
+        gain_trend: with ``photometric``, fit per class how the normal score moves with the photometric gain
+            (darker sessions are noisier after matching, so their normals score higher) and normalise by the
+            score expected at each image's lighting; the gain is clamped to the range the held-out normals cover.
         image_size: pre-processor resize, ``H`` or ``(H, W)``, when ``pre_processor`` is ``True`` (default 256).
         seed: seed of the reservoir sampling and splits.
         pre_processor, post_processor, evaluator, visualizer: as in every anomalib model.
@@ -88,6 +91,7 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
         photometric: bool = True,
         residual: bool = True,
         illumination_sigma: float = 0.0,
+        gain_trend: bool = True,
         image_size: int | tuple[int, int] | None = None,
         seed: int = 0,
         pre_processor: PreProcessor | bool = True,
@@ -131,11 +135,10 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
             photometric=photometric,
             residual=residual,
             illumination_sigma=illumination_sigma,
+            gain_trend=gain_trend,
         )
         self.class_names: list[str] = []
-        self._reservoir: dict[str, list[torch.Tensor]] = {}
-        self._seen: dict[str, int] = {}
-        self._random = random.Random(seed)
+        self._reservoir: dict[str, ReservoirSampler] = {}
 
     @classmethod
     def configure_pre_processor(cls, image_size: int | tuple[int, int] | None = None) -> PreProcessor:
@@ -165,21 +168,16 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
         return class_from_path(image_path) or ""
 
     def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor:
-        """Keep a seeded reservoir sample of each class's images (uint8: 4x less memory)."""
+        """Keep a seeded sample of each class's images (uint8: 4x less memory) that ignores the loader's order."""
         del args, kwargs
         paths = batch.image_path if batch.image_path is not None else [None] * len(batch.image)
         images = (batch.image.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        for image, path in zip(images, paths, strict=True):
-            name = self._class_of(path)
-            bucket = self._reservoir.setdefault(name, [])
-            seen = self._seen.get(name, 0) + 1
-            self._seen[name] = seen
-            if len(bucket) < self.max_images_per_class:
-                bucket.append(image)
-            else:
-                slot = self._random.randrange(seen)
-                if slot < self.max_images_per_class:
-                    bucket[slot] = image
+        names = [self._class_of(path) for path in paths]
+        for name in dict.fromkeys(names):
+            if name not in self._reservoir:
+                self._reservoir[name] = ReservoirSampler(self.max_images_per_class, seed=self.seed)
+            members = torch.tensor([member == name for member in names])
+            self._reservoir[name].add(images[members])
         return torch.tensor(0.0, requires_grad=True, device=self.device)
 
     def fit(self) -> None:
@@ -197,7 +195,7 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
         generator = torch.Generator().manual_seed(self.seed)
         template_sets, calibration_sets = [], []
         for name in named:
-            images = torch.stack(self._reservoir[name]).float().div(255).to(self.device)
+            images = self._reservoir[name].samples().float().div(255).to(self.device)
             order = torch.randperm(len(images), generator=generator).to(self.device)
             held = round(len(images) * self.calibration_fraction) if len(images) >= 4 else 0
             calibration_sets.append(images[order[:held]])
@@ -213,7 +211,7 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
         else:
             self.class_names = named
         logger.info("TemplateSsim fitted %d templates, statistics groups %s", len(template_source), self.class_names)
-        self._reservoir, self._seen = {}, {}
+        self._reservoir = {}
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         del args, kwargs

@@ -52,7 +52,13 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         illumination_sigma: > 0 removes the smooth part of the image-template difference (Gaussian of this
             sigma, pixels) before comparing: shading and broad highlights go, marks narrower than that stay.
         max_gain: bound of the photometric gain (and of its inverse).
+        gain_trend: with ``photometric``, let each class's typical normal score follow the image's photometric
+            gain (a robust straight line fitted on held-out normals, gain clamped to the range they cover): a
+            darker lighting session is noisier once mapped onto the template, so its normals score higher
+            everywhere; the trend takes that lighting effect out of the per-class normalisation.
     """
+
+    _GAIN_BUFFERS = ("gain_reference", "gain_slope", "gain_low", "gain_high")
 
     def __init__(
         self,
@@ -71,6 +77,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         residual: bool = False,
         illumination_sigma: float = 0.0,
         max_gain: float = 2.0,
+        gain_trend: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < topk_fraction <= 1:
@@ -97,6 +104,10 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("class_scale", torch.empty(0))  # (num_classes,) spread of normal scores
         self.register_buffer("pixel_mean", torch.empty(0))  # (K, M, H, W) normal map channels per template (optional)
         self.register_buffer("pixel_std", torch.empty(0))  # (K, M, H, W) their spread, regularised
+        # (num_classes,) each: normal score = class_center + gain_slope * (clamped gain - gain_reference)
+        for name in self._GAIN_BUFFERS:
+            self.register_buffer(name, torch.empty(0))
+        self.gain_trend = gain_trend
         self.pixel_statistics = pixel_statistics
         self.photometric = photometric
         self.residual = residual
@@ -106,6 +117,12 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             kernel_1d = gaussian_window(self.illumination_size, illumination_sigma).sum(dim=-1, keepdim=True)
             self.register_buffer("illumination_y", kernel_1d, persistent=False)
             self.register_buffer("illumination_x", kernel_1d.transpose(-1, -2).contiguous(), persistent=False)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """Checkpoints from before the gain trend load without it (empty buffers = no trend)."""
+        for name in self._GAIN_BUFFERS:
+            state_dict.setdefault(prefix + name, torch.empty(0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- inference
     def check_input(self, images: torch.Tensor) -> None:
@@ -139,15 +156,20 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         the template's frame, warped along with the template), so places that vary in normal images (rims,
         highlights) count less than places that never do.
         """
-        anomaly_map, template_index, _ = self._map_and_pose(images)
+        anomaly_map, template_index, _, _ = self._maps_pose_gain(images)
         return anomaly_map, template_index
 
-    def _map_and_pose(self, images: torch.Tensor, use_pixel_stats: bool = True):
-        maps, template_index, pose = self._channel_maps(images, use_pixel_stats)
-        return maps.mean(dim=1, keepdim=True), template_index, pose
+    def _maps_pose_gain(self, images: torch.Tensor):
+        """Channel-averaged map, template index, pose and photometric gain (N,) (ones without ``photometric``)."""
+        maps, template_index, pose, gain = self._channel_maps(images)
+        return maps.mean(dim=1, keepdim=True), template_index, pose, gain
 
     def match_photometry(self, images: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-        """Images with their grey levels mapped onto the template's: ``(image - offset) / gain``.
+        """Images with their grey levels mapped onto the template's: ``(image - offset) / gain``."""
+        return self._match_photometry(images, template)[0]
+
+    def _match_photometry(self, images: torch.Tensor, template: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matched images and the gain (N, C, 1, 1).
 
         ``image ~= gain * template + offset`` by least squares over each image and channel (a lighting change is
         close to such a global map; an anomaly covers too few pixels to move it much). The gain is clamped to
@@ -160,7 +182,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         variance = (centred_template * centred_template).mean(dim=(-2, -1), keepdim=True)
         gain = (covariance / (variance + 1e-6)).clamp(1.0 / self.max_gain, self.max_gain)
         offset = image_mean - gain * template_mean
-        return (images - offset) / gain
+        return (images - offset) / gain, gain
 
     @staticmethod
     def _blur(maps: torch.Tensor, kernel_y: torch.Tensor, kernel_x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +195,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         return flat.reshape(batch, count, height, width)
 
     def _channel_maps(self, images: torch.Tensor, use_pixel_stats: bool = True):
-        """Map channels (N, M, H, W) (1 - SSIM, optionally the intensity residual), template index, pose."""
+        """Map channels (N, M, H, W) (1 - SSIM, optionally the intensity residual), template index, pose, gain."""
         images = self._as_template_channels(images)
         pose = self.search(images)
         channels = self.templates.shape[1]
@@ -183,8 +205,10 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             layers = torch.cat([self.templates, self.pixel_mean, self.pixel_std], dim=1)
         overlay = to_image_frame(layers[pose.reference_index], pose.angle, pose.shift)
         template = overlay[:, :channels]
+        gain = images.new_ones(images.shape[0])
         if self.photometric:
-            images = self.match_photometry(images, template)
+            images, channel_gain = self._match_photometry(images, template)
+            gain = channel_gain.mean(dim=(1, 2, 3))
         if self.illumination_size:  # remove the smooth part of the difference (highlights, shading)
             images = images - self._blur(images - template, self.illumination_y, self.illumination_x)
         maps = [1.0 - self.ssim(images, template)]
@@ -205,13 +229,21 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             mean = overlay[:, channels : channels + count]
             spread = overlay[:, channels + count : channels + 2 * count]
             anomaly_map = (anomaly_map - mean) / spread
-        return anomaly_map, pose.reference_index, pose
+        return anomaly_map, pose.reference_index, pose, gain
+
+    def normal_center(self, class_index: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """Typical normal score (N,) of each image's class, at its lighting when the gain trend is fitted."""
+        center = self.class_center[class_index]
+        if self.gain_slope.numel() == 0:  # static: traces away
+            return center
+        clamped = torch.maximum(torch.minimum(gain, self.gain_high[class_index]), self.gain_low[class_index])
+        return center + self.gain_slope[class_index] * (clamped - self.gain_reference[class_index])
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         self.check_input(images)
-        anomaly_map, template_index = self.raw_maps(images)
+        anomaly_map, template_index, _, gain = self._maps_pose_gain(images)
         class_index = self.template_class[template_index]
-        center = self.class_center[class_index].view(-1, 1, 1, 1)
+        center = self.normal_center(class_index, gain).view(-1, 1, 1, 1)
         scale = self.class_scale[class_index].view(-1, 1, 1, 1)
         normalised = (anomaly_map - center) / scale
         return InferenceBatch(pred_score=topk_mean(normalised, self.topk_fraction), anomaly_map=normalised)
@@ -340,20 +372,34 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             pixel_sets = [images[: len(images) // 2] for images in held_out]
             held_out = [images[len(images) // 2 :] for images in held_out if len(images) > len(images) // 2]
             self._fit_pixel_statistics(torch.cat(pixel_sets))
-        scores, classes = [], []
+        scores, classes, gains = [], [], []
         for images in held_out:
             for chunk in images.split(64):
-                anomaly_map, template_index = self.raw_maps(chunk)
+                anomaly_map, template_index, _, gain = self._maps_pose_gain(chunk)
                 scores.append(topk_mean(anomaly_map, self.topk_fraction))
                 classes.append(self.template_class[template_index])
-        all_scores, all_classes = torch.cat(scores), torch.cat(classes)
+                gains.append(gain)
+        all_scores, all_classes, all_gains = torch.cat(scores), torch.cat(classes), torch.cat(gains)
+        trend = self.gain_trend and self.photometric
+        for name in self._GAIN_BUFFERS:
+            setattr(self, name, torch.zeros(num_classes if trend else 0, device=self.templates.device))
         pooled_center, pooled_scale = self._robust_stats(all_scores)
+        slopes = []
         for class_index in range(num_classes):
-            class_scores = all_scores[all_classes == class_index]
-            if len(class_scores) >= self.min_calibration:
-                self.class_center[class_index], self.class_scale[class_index] = self._robust_stats(class_scores)
-            else:
+            member = all_classes == class_index
+            class_scores, class_gains = all_scores[member], all_gains[member]
+            if len(class_scores) < self.min_calibration:
                 self.class_center[class_index], self.class_scale[class_index] = pooled_center, pooled_scale
+                continue
+            if trend:
+                reference, slope = class_gains.median(), _robust_slope(class_gains, class_scores)
+                class_scores = class_scores - slope * (class_gains - reference)
+                self.gain_reference[class_index], self.gain_slope[class_index] = reference, slope
+                self.gain_low[class_index], self.gain_high[class_index] = class_gains.min(), class_gains.max()
+                slopes.append(float(slope))
+            self.class_center[class_index], self.class_scale[class_index] = self._robust_stats(class_scores)
+        if slopes:
+            logger.info("TemplateSsim: normal score vs photometric gain, slopes %s", [round(s, 2) for s in slopes])
 
     @torch.no_grad()
     def _fit_pixel_statistics(self, images: torch.Tensor) -> None:
@@ -362,7 +408,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         sums = squares = None
         hits = torch.zeros(count, device=self.templates.device)
         for chunk in images.split(64):
-            anomaly_map, template_index, pose = self._channel_maps(chunk, use_pixel_stats=False)
+            anomaly_map, template_index, pose, _ = self._channel_maps(chunk, use_pixel_stats=False)
             aligned = to_reference_frame(anomaly_map, pose.angle, pose.shift)
             if sums is None:
                 sums = aligned.new_zeros((count, *aligned.shape[1:]))
@@ -387,3 +433,21 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         mad = (scores - center).abs().median() * 1.4826
         std = scores.std() if len(scores) > 1 else torch.zeros_like(center)
         return center, torch.maximum(torch.maximum(mad, std / 2), torch.tensor(_MIN_SCALE, device=scores.device))
+
+
+def _robust_slope(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Straight-line slope that a few outliers do not bend: the median of all pairwise slopes, each weighted by
+    how far apart its two x lie (Sievers-Scholz weighting of Theil-Sen).
+
+    The weights matter when x comes in clusters (two lighting sessions): pairs from the same cluster have
+    nearly equal x, so their slopes are noise, and unweighted they would pull the median towards 0.
+    """
+    first, second = torch.triu_indices(len(x), len(x), offset=1, device=x.device)
+    run = x[second] - x[first]
+    weight = run.abs()
+    if float(weight.sum()) < 1e-6:  # every x equal: no trend to see
+        return torch.zeros((), device=x.device)
+    slopes = (y[second] - y[first]) / torch.where(weight > 0, run, torch.ones_like(run))
+    order = slopes.argsort()
+    cumulative = weight[order].cumsum(0)
+    return slopes[order][torch.searchsorted(cumulative, cumulative[-1] / 2)]
