@@ -109,7 +109,8 @@ class ReservoirSampler:
     Every item gets a key, a seeded hash of its bytes, and the ``capacity`` items with the smallest keys are kept
     (bottom-k sampling). A hash ranks items uniformly at random, like Vitter's reservoir, but the sample depends
     only on which items were seen, not on the order a shuffled dataloader gave them: the same data and seed give
-    the same fitted model. Identical items share a key, so copies are kept or dropped together.
+    the same fitted model. Identical items share a key, so copies are kept or dropped together. The store is
+    preallocated and replaced in place, so memory stays at ``capacity`` items.
     """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
@@ -121,35 +122,46 @@ class ReservoirSampler:
         self._salt = seed.to_bytes(8, "little", signed=True)
         self._store: torch.Tensor | None = None
         self._keys = torch.empty(0, dtype=torch.long)
+        self._filled = 0
 
     def _key(self, item: torch.Tensor) -> int:
         digest = hashlib.blake2b(item.cpu().contiguous().numpy().tobytes(), digest_size=8, salt=self._salt).digest()
         return int.from_bytes(digest, "little") >> 1  # fits a signed 64-bit tensor
 
     def add(self, batch: torch.Tensor) -> None:
-        """Offer every item of ``batch``; memory never exceeds ``capacity`` items (plus one batch while merging)."""
+        """Offer every item of ``batch``; memory never exceeds ``capacity`` items."""
         batch = batch.detach()
-        if self._store is not None and batch.shape[1:] != self._store.shape[1:]:
+        if self._store is None:
+            self._store = batch.new_empty((self.capacity, *batch.shape[1:]))
+            self._keys = torch.empty(self.capacity, dtype=torch.long)
+        elif batch.shape[1:] != self._store.shape[1:]:
             msg = f"items of shape {tuple(batch.shape[1:])} differ from earlier ones {tuple(self._store.shape[1:])}"
             raise ValueError(msg)
         self.seen += batch.shape[0]
         keys = torch.tensor([self._key(item) for item in batch], dtype=torch.long)
-        if len(self._keys) == self.capacity:  # full: only items that beat the largest kept key can enter
-            better = keys < self._keys[-1]
-            if not bool(better.any()):
-                return
-            batch, keys = batch[better.to(batch.device)], keys[better]
-        items = batch if self._store is None else torch.cat([self._store, batch.to(self._store.device)])
-        keys = torch.cat([self._keys, keys])
-        kept = keys.argsort(stable=True)[: self.capacity]  # ascending: the smallest keys, in key order
-        self._store, self._keys = items[kept.to(items.device)], keys[kept]
+        free = min(self.capacity - self._filled, batch.shape[0])
+        if free > 0:
+            self._store[self._filled : self._filled + free] = batch[:free]
+            self._keys[self._filled : self._filled + free] = keys[:free]
+            self._filled += free
+        rest, rest_keys = batch[free:], keys[free:]
+        if rest_keys.numel() == 0:
+            return
+        # full: keep the capacity smallest keys of store + rest; entering items take the evicted slots
+        kept = torch.zeros(self.capacity + rest_keys.numel(), dtype=torch.bool)
+        kept[torch.cat([self._keys, rest_keys]).argsort(stable=True)[: self.capacity]] = True
+        evicted = (~kept[: self.capacity]).nonzero().flatten()
+        entering = kept[self.capacity :].nonzero().flatten()
+        self._store[evicted.to(self._store.device)] = rest[entering.to(rest.device)].to(self._store.device)
+        self._keys[evicted] = rest_keys[entering]
 
     def samples(self) -> torch.Tensor:
-        """The kept items, ``(min(seen, capacity), ...)``."""
+        """The kept items in key order, ``(min(seen, capacity), ...)``."""
         if self._store is None:
             msg = "the reservoir is empty: no training batch was seen"
             raise RuntimeError(msg)
-        return self._store
+        order = self._keys[: self._filled].argsort(stable=True)
+        return self._store[: self._filled][order.to(self._store.device)]
 
     def clear(self) -> None:
-        self._store, self._keys, self.seen = None, torch.empty(0, dtype=torch.long), 0
+        self._store, self._keys, self._filled, self.seen = None, torch.empty(0, dtype=torch.long), 0, 0

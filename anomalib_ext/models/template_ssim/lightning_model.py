@@ -91,7 +91,7 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
         photometric: bool = True,
         residual: bool = True,
         illumination_sigma: float = 0.0,
-        gain_trend: bool = True,
+        gain_trend: bool = False,
         image_size: int | tuple[int, int] | None = None,
         seed: int = 0,
         pre_processor: PreProcessor | bool = True,

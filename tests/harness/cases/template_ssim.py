@@ -5,7 +5,9 @@ from tests.harness.case import ModelCase
 
 
 def _build() -> TemplateSsim:
-    return TemplateSsim(image_size=(128, 128), num_templates=2, max_shift=8, angles=(-4.0, -2.0, 0.0, 2.0, 4.0))
+    return TemplateSsim(
+        image_size=(128, 128), num_templates=2, max_shift=8, angles=(-4.0, -2.0, 0.0, 2.0, 4.0), gain_trend=True
+    )
 
 
 CASE = ModelCase(name="template_ssim", build=_build)
