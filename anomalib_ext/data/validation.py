@@ -6,7 +6,8 @@ raises ``stack expects each tensor to be equal size``; an empty ``train/good`` r
 a positive integer``). These checks walk the folders once, before anything is trained, collect *all*
 problems and raise one :class:`DataValidationError` that lists each file and its problem.
 
-This module imports only NumPy and Pillow (no torch, no anomalib at import time) so tools can use it cheaply.
+The checks themselves use only NumPy and Pillow. Importing this module still loads the ``anomalib_ext``
+package first (and with it torch and anomalib, which register the models), so it is not a light import.
 
 Typical use::
 
