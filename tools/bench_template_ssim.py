@@ -104,6 +104,28 @@ def _pixel_hash(path: str) -> str:
     return hashlib.sha1(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).tobytes()).hexdigest()
 
 
+def _map_options(args: argparse.Namespace) -> dict:
+    """How the map is computed, from the command line: every task builds its model (and records it) with these."""
+    return {
+        "photometric": args.photometric,
+        "residual": args.residual,
+        "gain_trend": args.gain_trend,
+        "illumination_sigma": args.illumination_sigma,
+    }
+
+
+def _scoring_options(args: argparse.Namespace) -> dict:
+    """The map options plus search and scoring settings shared by the dice and bottle tasks."""
+    return {
+        "topk_fraction": args.topk_fraction,
+        "map_sigma": args.map_sigma,
+        "max_shift": args.max_shift,
+        "max_images_per_class": args.max_images_per_class,
+        "pixel_statistics": args.pixel_statistics,
+        **_map_options(args),
+    }
+
+
 def run_dice(args: argparse.Namespace) -> dict:
     from anomalib_ext.data import Dice
     from anomalib_ext.data.dice import class_from_path
@@ -121,16 +143,8 @@ def run_dice(args: argparse.Namespace) -> dict:
     )
     model = TemplateSsim(
         image_size=(128, 128),
-        max_images_per_class=args.max_images_per_class,
-        topk_fraction=args.topk_fraction,
-        map_sigma=args.map_sigma,
-        max_shift=args.max_shift,
         templates_per_class=args.templates_per_class,
-        pixel_statistics=args.pixel_statistics,
-        photometric=args.photometric,
-        residual=args.residual,
-        gain_trend=args.gain_trend,
-        illumination_sigma=args.illumination_sigma,
+        **_scoring_options(args),
         visualizer=False,
         seed=args.seed,
     )
@@ -151,18 +165,7 @@ def run_dice(args: argparse.Namespace) -> dict:
         },
         "gain_slopes": dict(zip(model.class_names, model.model.gain_slope.tolist(), strict=False)),
         "threshold_normalised": float(model.post_processor.normalized_image_threshold),
-        "model": {
-            "topk_fraction": args.topk_fraction,
-            "map_sigma": args.map_sigma,
-            "max_shift": args.max_shift,
-            "max_images_per_class": args.max_images_per_class,
-            "templates_per_class": args.templates_per_class,
-            "pixel_statistics": args.pixel_statistics,
-            "photometric": args.photometric,
-            "residual": args.residual,
-            "gain_trend": args.gain_trend,
-            "illumination_sigma": args.illumination_sigma,
-        },
+        "model": {"templates_per_class": args.templates_per_class, **_scoring_options(args)},
     }
     for name, split in (("validation", validation), ("test", test)):
         is_png = np.char.endswith(np.char.lower(split["path"].astype(str)), ".png")
@@ -219,16 +222,8 @@ def run_bottle(args: argparse.Namespace) -> dict:
         image_size=(256, 256),
         num_templates=args.num_templates,
         visualizer=False,
-        max_shift=args.max_shift,
         angles=tuple(float(a) for a in args.angles),
-        topk_fraction=args.topk_fraction,
-        map_sigma=args.map_sigma,
-        max_images_per_class=args.max_images_per_class,
-        pixel_statistics=args.pixel_statistics,
-        photometric=args.photometric,
-        residual=args.residual,
-        gain_trend=args.gain_trend,
-        illumination_sigma=args.illumination_sigma,
+        **_scoring_options(args),
         seed=args.seed,
     )
     engine = _engine(args.out / "bottle_run")
@@ -238,18 +233,7 @@ def run_bottle(args: argparse.Namespace) -> dict:
         "metrics": {k: float(v) for k, v in metrics.items()},
         "note": "anomalib's MVTecAD default validation split is same_as_test: the F1 threshold is chosen on the "
         "test images themselves, so only the threshold-free AUROCs are comparable",
-        "model": {
-            "num_templates": args.num_templates,
-            "max_shift": args.max_shift,
-            "angles": args.angles,
-            "topk_fraction": args.topk_fraction,
-            "map_sigma": args.map_sigma,
-            "pixel_statistics": args.pixel_statistics,
-            "photometric": args.photometric,
-            "residual": args.residual,
-            "gain_trend": args.gain_trend,
-            "illumination_sigma": args.illumination_sigma,
-        },
+        "model": {"num_templates": args.num_templates, "angles": args.angles, **_scoring_options(args)},
     }
 
 
@@ -272,10 +256,7 @@ def run_speed(args: argparse.Namespace) -> dict:
     model = TemplateSsim(
         image_size=(128, 128),
         max_images_per_class=16,
-        photometric=args.photometric,
-        residual=args.residual,
-        gain_trend=args.gain_trend,
-        illumination_sigma=args.illumination_sigma,
+        **_map_options(args),
         seed=args.seed,
         visualizer=False,
     )
