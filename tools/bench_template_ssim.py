@@ -352,11 +352,11 @@ def run_sessions(args: argparse.Namespace) -> dict:
     The threshold is 0.5 on these normalised scores; a lighting session whose normals sit higher than the others
     is where false alarms come from. Reads only validation images.
     """
-    import re
+    from anomalib_ext.data.dice import session_from_path
 
     predictions = np.load(args.out / f"dice_predictions{args.tag}.npz")
     paths, scores, labels = predictions["path_val"], predictions["score_val"], predictions["label_val"]
-    sessions = np.array([m.group(1) if (m := re.search(r"_(\d\d_\d\d_\d\d)_", Path(p).name)) else "" for p in paths])
+    sessions = np.array([session_from_path(path) for path in paths])
     result: dict = {"validation_normals_by_session": {}}
     for session in sorted(set(sessions[labels == 0])):
         chosen = scores[(labels == 0) & (sessions == session)]
