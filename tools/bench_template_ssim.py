@@ -104,26 +104,14 @@ def _pixel_hash(path: str) -> str:
     return hashlib.sha1(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).tobytes()).hexdigest()
 
 
-def _map_options(args: argparse.Namespace) -> dict:
-    """How the map is computed, from the command line: every task builds its model (and records it) with these."""
-    return {
-        "photometric": args.photometric,
-        "residual": args.residual,
-        "gain_trend": args.gain_trend,
-        "illumination_sigma": args.illumination_sigma,
-    }
+# TemplateSsim arguments taken from the command line under the same name; every task builds its model (and
+# records it) with these, so a model and its result file cannot disagree
+MAP_OPTIONS = ("photometric", "residual", "gain_trend", "illumination_sigma")
+SCORING_OPTIONS = ("topk_fraction", "map_sigma", "max_shift", "max_images_per_class", "pixel_statistics", *MAP_OPTIONS)
 
 
-def _scoring_options(args: argparse.Namespace) -> dict:
-    """The map options plus search and scoring settings shared by the dice and bottle tasks."""
-    return {
-        "topk_fraction": args.topk_fraction,
-        "map_sigma": args.map_sigma,
-        "max_shift": args.max_shift,
-        "max_images_per_class": args.max_images_per_class,
-        "pixel_statistics": args.pixel_statistics,
-        **_map_options(args),
-    }
+def _options(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    return {name: getattr(args, name) for name in names}
 
 
 def run_dice(args: argparse.Namespace) -> dict:
@@ -144,7 +132,7 @@ def run_dice(args: argparse.Namespace) -> dict:
     model = TemplateSsim(
         image_size=(128, 128),
         templates_per_class=args.templates_per_class,
-        **_scoring_options(args),
+        **_options(args, SCORING_OPTIONS),
         visualizer=False,
         seed=args.seed,
     )
@@ -165,7 +153,7 @@ def run_dice(args: argparse.Namespace) -> dict:
         },
         "gain_slopes": dict(zip(model.class_names, model.model.gain_slope.tolist(), strict=False)),
         "threshold_normalised": float(model.post_processor.normalized_image_threshold),
-        "model": {"templates_per_class": args.templates_per_class, **_scoring_options(args)},
+        "model": {"templates_per_class": args.templates_per_class, **_options(args, SCORING_OPTIONS)},
     }
     for name, split in (("validation", validation), ("test", test)):
         is_png = np.char.endswith(np.char.lower(split["path"].astype(str)), ".png")
@@ -223,7 +211,7 @@ def run_bottle(args: argparse.Namespace) -> dict:
         num_templates=args.num_templates,
         visualizer=False,
         angles=tuple(float(a) for a in args.angles),
-        **_scoring_options(args),
+        **_options(args, SCORING_OPTIONS),
         seed=args.seed,
     )
     engine = _engine(args.out / "bottle_run")
@@ -233,7 +221,7 @@ def run_bottle(args: argparse.Namespace) -> dict:
         "metrics": {k: float(v) for k, v in metrics.items()},
         "note": "anomalib's MVTecAD default validation split is same_as_test: the F1 threshold is chosen on the "
         "test images themselves, so only the threshold-free AUROCs are comparable",
-        "model": {"num_templates": args.num_templates, "angles": args.angles, **_scoring_options(args)},
+        "model": {"num_templates": args.num_templates, "angles": args.angles, **_options(args, SCORING_OPTIONS)},
     }
 
 
@@ -256,7 +244,7 @@ def run_speed(args: argparse.Namespace) -> dict:
     model = TemplateSsim(
         image_size=(128, 128),
         max_images_per_class=16,
-        **_map_options(args),
+        **_options(args, MAP_OPTIONS),
         seed=args.seed,
         visualizer=False,
     )
