@@ -11,7 +11,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 export HF_HUB_OFFLINE := 1
 export SENTRY_OPT_OUT := 1
 
-.PHONY: demo test lint weights fastdup benchmark clean
+.PHONY: demo test lint weights fastdup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

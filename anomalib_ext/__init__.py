@@ -6,4 +6,4 @@ Importing the package registers every model as an ``AnomalibModule`` subclass, s
 
 from anomalib_ext import models  # noqa: F401  (registration side effect)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

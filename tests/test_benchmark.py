@@ -1,6 +1,8 @@
-"""tools/benchmark.py: argument parsing, dataset splits, fault isolation, reports, and the --quick run end to end.
+"""tools/benchmark.py: arguments, the dice protocol (anomalib_ext.data.Dice), fault isolation and exit status,
+progress, seeds, validation draws, the speed routine, studies and reports.
 
-Synthetic data only. The end-to-end test trains two small models, so it takes a minute or two on a free CPU.
+Synthetic data only. Three end-to-end runs (quick with OpenVINO, dice with a study, failing cells) take about
+2-3 minutes on a free CPU.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "benchmark.py"
 sys.path.insert(0, str(REPO / "tools"))
 
-from benchmarking import report  # noqa: E402
-from benchmarking.datasets import prepare_dice_split  # noqa: E402
+from benchmarking import report, speed, studies  # noqa: E402
 from benchmarking.specs import SpecError, parse_dataset, parse_model, resolve_config_family  # noqa: E402
 
 
@@ -105,57 +106,137 @@ def test_dataset_layouts_are_detected(mvtec_root: Path, dice_root: Path, tmp_pat
         parse_dataset(str(tmp_path / "absent"))
 
 
-# ----------------------------------------------------------------------------------------------- splits
-def _split_sources(split_dir: Path) -> dict[str, set[str]]:
-    rows = list(csv.DictReader((split_dir / "split.csv").open()))
-    groups: dict[str, set[str]] = {}
-    for row in rows:
-        groups.setdefault(row["split"], set()).add(row["source"])
-    return groups
-
-
-def test_dice_split_without_test_folder_is_by_session_and_disjoint(dice_root: Path, tmp_path: Path) -> None:
-    """Like the real dice set: no test folder, so test normals come from a held-out session."""
-    source = tmp_path / "dice"
-    source.mkdir()
-    for sub in ("train", "val"):
-        (source / sub).symlink_to(dice_root / sub, target_is_directory=True)
-    counts = prepare_dice_split(
-        source, tmp_path / "split", {"val_sessions": ["25_10_21"], "test_sessions": ["16_09_21"]}
-    )
-    assert all(count > 0 for count in counts.values())
-    groups = _split_sources(tmp_path / "split")
-    all_normals = [groups["train/good"], groups["val/good"], groups["test/good"]]
-    for index, first in enumerate(all_normals):
-        for second in all_normals[index + 1 :]:
-            assert not first & second
-    assert not groups["val/anomalous"] & groups["test/anomalous"]
-    assert all("_16_09_21_" in Path(path).name for path in groups["test/good"])
-    assert all("_25_10_21_" in Path(path).name for path in groups["val/good"])
-    assert (tmp_path / "split" / "test" / "good").is_dir()
-
-
-def test_dice_split_keeps_copies_of_test_images_out_of_train_and_validation(dice_root: Path, tmp_path: Path) -> None:
-    """The real set repeats images byte for byte across its two dark sessions (validation and test by default)."""
+# ------------------------------------------------------------------------------------------ dice protocol
+def _dice_without_test(dice_root: Path, tmp_path: Path, copy_train: bool = False) -> Path:
+    """Like the real dice set: train/good/<class>/ and val/anomalous/, no test/ (links unless copied)."""
     import shutil
 
+    source = tmp_path / "dice"
+    source.mkdir()
+    if copy_train:
+        shutil.copytree(dice_root / "train", source / "train")
+    else:
+        (source / "train").symlink_to(dice_root / "train", target_is_directory=True)
+    (source / "val").symlink_to(dice_root / "val", target_is_directory=True)
+    return source
+
+
+def test_dice_options_sessions_and_train_cap(dice_root: Path, tmp_path: Path) -> None:
+    from anomalib_ext.data import Dice
+    from anomalib_ext.data.dice import session_from_path
+
+    source = _dice_without_test(dice_root, tmp_path)
+    tables = Dice(
+        root=source,
+        holdout_sessions=["16_09_21"],
+        val_sessions=["25_10_21"],
+        max_train_per_class=3,
+        val_split_ratio=0.5,
+    ).split_samples()
+    train, val, test = tables["train"], tables["val"], tables["test"]
+    test_normals, val_normals = test[test.label_index == 0], val[val.label_index == 0]
+    assert len(test_normals) and {session_from_path(p) for p in test_normals.image_path} == {"16_09_21"}
+    assert len(val_normals) and {session_from_path(p) for p in val_normals.image_path} == {"25_10_21"}
+    assert train.groupby("class_name").size().max() == 3
+    assert train.class_name.nunique() == 11
+    assert not set(train.image_path) & (set(val.image_path) | set(test.image_path))
+    assert not set(val.image_path) & set(test.image_path)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"val_sessions": "16_09_21"}, "val_sessions must be a list"),
+        ({"holdout_sessions": ["sept"]}, "holdout_sessions must be a list"),
+        ({"max_train_per_class": 0}, "max_train_per_class must be a positive integer"),
+        ({"val_sessions": ["01_01_20"]}, "no training-pool normal of val_sessions"),
+    ],
+)
+def test_dice_rejects_bad_options(dice_root: Path, options: dict, fragment: str) -> None:
+    from anomalib_ext.data import Dice
+
+    with pytest.raises(ValueError, match=fragment):
+        Dice(root=dice_root, **options).split_samples()
+
+
+def test_dice_keeps_copies_of_test_images_out_of_train_and_validation(dice_root: Path, tmp_path: Path) -> None:
+    """The real set repeats images byte for byte across sessions: a held-out image must not be trained on."""
+    import shutil
+
+    from anomalib_ext.data import Dice
     from anomalib_ext.data.duplicates import file_digest
 
-    source = tmp_path / "dice"
-    shutil.copytree(dice_root / "train", source / "train")
-    (source / "val").symlink_to(dice_root / "val", target_is_directory=True)
-    for image in sorted((source / "train" / "good").rglob("*_16_09_21_*")):  # copies into a val and a train session
+    source = _dice_without_test(dice_root, tmp_path, copy_train=True)
+    for image in sorted((source / "train" / "good").rglob("*_16_09_21_*")):
         for session in ("25_10_21", "26_01_22"):
             shutil.copy(image, image.with_name(f"copy_{image.stem.replace('16_09_21', session)}{image.suffix}"))
-    prepare_dice_split(source, tmp_path / "split", {"val_sessions": ["25_10_21"], "test_sessions": ["16_09_21"]})
-    groups = {name: {file_digest(path) for path in paths} for name, paths in _split_sources(tmp_path / "split").items()}
-    held_out = groups["test/good"] | groups["test/anomalous"]
-    assert not held_out & (groups.get("val/good", set()) | groups["train/good"])
+    tables = Dice(root=source, holdout_sessions=["16_09_21"]).split_samples()
+    digests = {name: {file_digest(path) for path in table.image_path} for name, table in tables.items()}
+    assert digests["test"] and not digests["test"] & (digests["train"] | digests["val"])
 
 
-def test_dice_split_rejects_unknown_options(dice_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown options"):
-        prepare_dice_split(dice_root, tmp_path / "split", {"train_per_clas": 3})
+def test_benchmark_names_an_unknown_dataset_option(dice_root: Path, tmp_path: Path, capsys) -> None:
+    import benchmark
+
+    code = benchmark.main(["--dataset", f"{dice_root}:{{train_per_clas: 3}}", "--out", str(tmp_path / "o")])
+    assert code == benchmark.EXIT_USAGE
+    assert "unknown option(s) ['train_per_clas']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_edge_tool_suffixes_equal_the_package_list() -> None:
+    """tools/infer_openvino.py must stay free of torch/anomalib, so it keeps a copy of the list."""
+    import infer_openvino
+
+    from anomalib_ext.data.validation import IMAGE_SUFFIXES
+
+    assert infer_openvino.IMAGE_SUFFIXES == IMAGE_SUFFIXES
+
+
+# ------------------------------------------------------------------------------------------ speed, studies
+def test_speed_routine_reports_threads_and_load_and_clamps_inputs() -> None:
+    import torch
+
+    seen = []
+
+    class Model(torch.nn.Module):
+        def forward(self, image: torch.Tensor):  # noqa: ANN202
+            seen.append(image)
+            return type("Out", (), {"pred_score": image.mean(dim=(1, 2, 3))})()
+
+    images = [torch.full((3, 8, 8), 1.0000001), torch.full((3, 8, 8), -0.5)] * 3
+    result = speed.torch_speed(Model(), images, threads=1)
+    assert result["torch_threads"] == 1
+    assert isinstance(result["torch_load_average_1min"], float)
+    assert result["torch_images_per_s"] > 0
+    assert len(seen) == speed.WARMUP_CALLS + len(images)  # same warm-up for every model
+    assert all(float(image.max()) <= 1.0 and float(image.min()) >= 0.0 for image in seen)
+
+
+class SeededModel:
+    """Stands in for a model class with its own ``seed`` (TemplateSsim's sampler)."""
+
+    def __init__(self, seed: int | None = None, image_size: tuple[int, int] | None = None) -> None:
+        self.seed, self.image_size = seed, image_size
+
+
+def test_model_builder_gives_the_run_seed_to_a_model_seed_unless_set() -> None:
+    from benchmarking.cell import build_model
+
+    spec = {"class_path": f"{__name__}.SeededModel", "init_args": {}}
+    model = build_model(spec, 64, seed=3)
+    assert (model.seed, model.image_size) == (3, (64, 64))
+    assert build_model({**spec, "init_args": {"seed": 7}}, None, seed=3).seed == 7
+
+
+def test_studies_expand_cells() -> None:
+    datasets = [{"label": "d", "kind": "mvtec", "path": "/x", "options": {}}]
+    models = [{"label": "dfkdm", "class_path": "anomalib_ext.models.Dfkdm", "init_args": {}}]
+    _, augmented = studies.expand("augmentation", datasets, models, {"augmented_views": 4})
+    assert [model["label"] for model in augmented] == [f"dfkdm+{name}" for name in studies.augmentation.AUGMENTATIONS]
+    assert augmented[0]["train_views"] == 1 and augmented[1]["train_views"] == 4
+    scaled, _ = studies.expand("scaling", datasets, models, {"train_counts": [4, 8]})
+    assert [(d["label"], d["train_images"]) for d in scaled] == [("d@4", 4), ("d@8", 8)]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -164,10 +245,10 @@ def test_report_keeps_failed_cells_and_writes_every_file(tmp_path: Path) -> None
     good = {"dataset": "d", "model": "a", "status": "ok", "image_auroc": 0.9, "image_f1": 0.8, "fit_seconds": 1.0}
     good.update(torch_images_per_s=10.0, openvino_images_per_s=20.0, n_test=10, n_train=5, n_val=4)
     bad = {"dataset": "d", "model": "b", "status": "timeout", "error": "killed after the 5 s time limit"}
-    for name, row in (("d__a", good), ("d__b", bad)):
+    for name, row in (("d__a/seed0", good), ("d__b/seed0", bad)):
         (cells / name).mkdir(parents=True)
         (cells / name / "result.json").write_text(json.dumps(row))
-    rows = report.write_reports(tmp_path, ["# title"], order=["d__b", "d__a"])
+    rows = report.write_reports(tmp_path, ["# title"], order=["d__b/seed0", "d__a/seed0"])
     assert [row["model"] for row in rows] == ["b", "a"]
     table = (tmp_path / "results.md").read_text()
     assert "b (**timeout**: killed after the 5 s time limit)" in table
@@ -204,7 +285,7 @@ class Hangs:
 """
 
 
-def test_failing_and_hung_cells_are_recorded_and_the_run_goes_on(mvtec_root: Path, tmp_path: Path) -> None:
+def test_failing_and_hung_cells_are_recorded_and_the_exit_status_is_1(mvtec_root: Path, tmp_path: Path) -> None:
     (tmp_path / "faulty_models.py").write_text(FAULTY_MODELS)
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
     out = tmp_path / "out"
@@ -216,47 +297,133 @@ def test_failing_and_hung_cells_are_recorded_and_the_run_goes_on(mvtec_root: Pat
         "--model",
         "faulty_models.Hangs",
         "--time-limit",
-        "90",
+        "20",
         "--out",
         str(out),
         env=env,
     )
-    assert completed.returncode == 0, completed.stderr
+    assert completed.returncode == 1, completed.stderr[-3000:]
     rows = {row["model"]: row for row in csv.DictReader((out / "results.csv").open())}
     assert rows["broken"]["status"] == "error"
     assert "broken on purpose" in rows["broken"]["error"]
     assert rows["hangs"]["status"] == "timeout"
+    # progress after each cell: done/total, elapsed and an estimate of the time left
+    progress = [line for line in completed.stdout.splitlines() if line.startswith("progress:")]
+    assert len(progress) == 2
+    assert progress[0].startswith("progress: 1/2 cells,") and "ETA" in progress[0]
+    assert "ETA 0.0 min (0 left" in progress[1]
     # the same folder is never reused silently
     again = run_benchmark("--dataset", str(mvtec_root / "synthetic"), "--out", str(out))
     assert again.returncode == 2
     assert "--resume" in again.stderr
 
 
-# ------------------------------------------------------------------------------------------- quick mode
-def test_quick_mode_produces_csv_markdown_plots_and_resumes(tmp_path: Path) -> None:
+# ------------------------------------------------------------------------------------------- end to end
+def test_quick_seeds_val_draws_speed_and_resume(tmp_path: Path) -> None:
+    """--quick (OpenVINO on) with two seeds and two validation draws: runs, summary, speeds, resume."""
     out = tmp_path / "quick"
-    completed = run_benchmark("--quick", "--out", str(out))
+    completed = run_benchmark("--quick", "--model", "padim", "--seeds", "2", "--val-draws", "2", "--out", str(out))
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {row["model"] for row in rows} >= {"padim", "dfm"}
+    assert sorted((row["model"], row["seed"]) for row in rows) == [("padim", "0"), ("padim", "1")]
     for row in rows:
-        if row["model"] not in ("padim", "dfm"):
-            continue
         assert row["status"] == "ok", row["error"]
-        assert 0.5 < float(row["image_auroc"]) <= 1.0  # planted defects are easy
-        assert 0.0 <= float(row["image_f1"]) <= 1.0
-        assert 0.0 <= float(row["pixel_auroc"]) <= 1.0
-        assert 0.0 <= float(row["pixel_pro"]) <= 1.0
-        for key in ("fit_seconds", "torch_images_per_s", "openvino_images_per_s", "peak_rss_mb", "openvino_model_mb"):
-            assert float(row[key]) > 0, key
-        visuals = list((out / "cells" / f"synthetic-mvtec__{row['model']}" / "visuals").glob("*.png"))
-        assert visuals
+        assert float(row["image_auroc"]) > 0.9  # planted defects are easy for PaDiM
+        assert float(row["pixel_auroc"]) > 0.9
+        draws = json.loads(row["image_f1_draws"])
+        assert len(draws) == 2
+        assert draws[0] == pytest.approx(float(row["image_f1"]))  # draw 0 is the fitted model's own validation
+        assert len(set(json.loads(row["image_threshold_draws"]))) == 2  # another draw, another threshold
+        # one speed routine: same threads for torch and OpenVINO, f32, load average at timing
+        assert row["torch_threads"] == row["openvino_threads"] == "1"
+        assert float(row["torch_load_average_1min"]) >= 0 and float(row["openvino_load_average_1min"]) >= 0
+        assert float(row["openvino_max_score_diff"]) < 1e-3
+        assert float(row["torch_images_per_s"]) > 0 and float(row["openvino_images_per_s"]) > 0
+        run_dir = out / "cells" / "synthetic-mvtec__padim" / f"seed{row['seed']}"
+        cell_result = json.loads((run_dir / "result.json").read_text())
+        assert (cell_result["openvino_precision"], cell_result["openvino_inference_precision"]) == ("fp32", "f32")
+        assert list((run_dir / "visuals").glob("*.png"))
+    aurocs = [float(row["image_auroc"]) for row in rows]
+    summary = list(csv.DictReader((out / "results_summary.csv").open()))
+    assert len(summary) == 1 and summary[0]["runs"] == "2" and summary[0]["ok_runs"] == "2"
+    assert float(summary[0]["image_auroc_mean"]) == pytest.approx(sum(aurocs) / 2)
+    assert float(summary[0]["image_auroc_min"]) == pytest.approx(min(aurocs))
     table = (out / "results.md").read_text()
-    assert "image AUROC" in table
-    assert "| padim |" in table
+    assert "| padim (seed 1) |" in table
+    assert "## Across seeds: mean ± std (min–max)" in table
+    assert "| synthetic-mvtec | padim | 2/2 |" in table
     assert (out / "plots" / "accuracy_vs_openvino_synthetic-mvtec.png").stat().st_size > 0
-    assert (out / "plots" / "bars_synthetic-mvtec.png").stat().st_size > 0
 
-    resumed = run_benchmark("--quick", "--resume", str(out))
+    resumed = run_benchmark("--quick", "--val-draws", "2", "--resume", str(out))  # same settings, kept runs
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.count("kept from earlier run (ok)") == len(rows)
+    assert resumed.stdout.count("kept from earlier run (ok)") == 2
+
+
+def test_dice_dataset_runs_through_dice_with_the_sessions_study(dice_root: Path, tmp_path: Path) -> None:
+    """A dice-layout dataset is anomalib_ext.data.Dice with the benchmark's protocol; --study sessions adds the
+    validation normals' scores per acquisition session.
+    """
+    sys.path.insert(0, str(REPO / "tools"))
+    from benchmarking.cell import build_dice
+
+    source = _dice_without_test(dice_root, tmp_path)  # like the real set: the protocol's session hold-out applies
+    out = tmp_path / "out"
+    completed = run_benchmark(
+        *("--dataset", f"dice={source}", "--model", "padim", "--study", "sessions", "--no-openvino"),
+        *("--image-size", "64", "--speed-images", "4", "--visuals", "0", "--max-epochs", "1", "--out", str(out)),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    [row] = list(csv.DictReader((out / "results.csv").open()))
+    assert row["status"] == "ok", row["error"]
+    tables = build_dice(source, {}, seed=0).split_samples()
+    assert (int(row["n_train"]), int(row["n_val"]), int(row["n_test"])) == tuple(
+        len(tables[name]) for name in ("train", "val", "test")
+    )
+    assert int(row["n_test_anomalous"]) == int((tables["test"].label_index == 1).sum())
+    assert float(row["image_auroc"]) > 0.8
+    result = json.loads((out / "cells" / "dice__padim" / "seed0" / "result.json").read_text())
+    by_session = result["sessions"]["validation_normals"]
+    val_normals = tables["val"][tables["val"].label_index == 0]
+    assert sum(entry["images"] for entry in by_session.values()) == len(val_normals)
+    assert set(by_session) <= {"16_09_21", "17_11_21", "25_10_21", "26_01_22"}
+    assert "## Study: validation normals per acquisition session" in (out / "results.md").read_text()
+
+
+def test_export_precisions_give_one_row_each_with_the_exported_models_auroc_and_the_trunk(tmp_path: Path) -> None:
+    """--export-precision fp32,int8: per precision the OpenVINO speed and the exported model's own AUROC, beside
+    the bare backbone trunk timed in the same cell."""
+    out = tmp_path / "int8"
+    completed = run_benchmark("--quick", "--model", "padim", "--export-precision", "int8,fp32", "--out", str(out))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [row["openvino_precision"] for row in rows] == ["fp32", "int8"]  # fp32 first: the reference
+    fp32, int8 = rows
+    for row in rows:
+        assert row["status"] == "ok", row["error"]
+        assert float(row["openvino_images_per_s"]) > 0
+        assert 0.0 <= float(row["openvino_image_auroc"]) <= 1.0 and 0.0 <= float(row["openvino_pixel_auroc"]) <= 1.0
+        assert row["backbone_layer"] == "tf_efficientnet_lite0:blocks.4"  # the deepest of padim's layers
+        assert float(row["openvino_fraction_of_backbone"]) == pytest.approx(
+            float(row["openvino_images_per_s"]) / float(row["backbone_img_per_s"])
+        )
+    assert fp32["backbone_img_per_s"] == int8["backbone_img_per_s"]  # one trunk timing per cell
+    assert float(fp32["openvino_speedup_vs_fp32"]) == 1.0
+    assert float(int8["openvino_speedup_vs_fp32"]) == pytest.approx(
+        float(int8["openvino_images_per_s"]) / float(fp32["openvino_images_per_s"])
+    )
+    # the f32 export scores like torch, so its own AUROC is torch's; the torch columns repeat on the int8 row
+    assert float(fp32["openvino_image_auroc"]) == pytest.approx(float(fp32["image_auroc"]), abs=1e-3)
+    assert float(fp32["openvino_pixel_auroc"]) == pytest.approx(float(fp32["pixel_auroc"]), abs=1e-3)
+    assert int8["image_auroc"] == fp32["image_auroc"]
+    assert float(int8["openvino_model_mb"]) < float(fp32["openvino_model_mb"])  # int8 weights
+    table = (out / "results.md").read_text()
+    assert "## OpenVINO exports" in table and "| synthetic-mvtec | padim | int8 |" in table
+
+
+@pytest.mark.parametrize("value", ["fp16", "fp32,fp32", ""])
+def test_bad_export_precision_is_a_usage_error(value: str, capsys: pytest.CaptureFixture) -> None:
+    from benchmark import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--quick", "--export-precision", value])
+    assert "--export-precision" in capsys.readouterr().err

@@ -19,7 +19,7 @@ def _tiny_lake(**kwargs) -> DfkdmModel:
         "n_components": 0,
         "density": "kde",
     }
-    return DfkdmModel(**{**defaults, **kwargs})
+    return Dfkdm(**{**defaults, **kwargs}, visualizer=False).model
 
 
 def test_reconstruction_features_of_constant_images_are_finite() -> None:
@@ -94,10 +94,15 @@ def test_an_unfitted_model_refuses_to_test() -> None:
         model.on_test_start()
 
 
-def test_autoencoder_source_uses_raw_images_and_backbone_source_normalises() -> None:
+def test_pre_processor_only_resizes_and_the_backbone_normalises_inside_the_model() -> None:
+    from torchvision.transforms.v2 import InterpolationMode
+
     lake = Dfkdm(feature_source="autoencoder", image_size=32, num_downsamples=2, base_channels=8)
-    names = [type(step).__name__ for step in lake.pre_processor.transform.transforms]
-    assert names == ["Resize"]
+    (resize,) = lake.pre_processor.transform.transforms
+    assert resize.interpolation == InterpolationMode.NEAREST  # raw [0, 1] images, thin defects kept sharp
     backbone = Dfkdm(feature_source="backbone", image_size=64, layers=["blocks.2"])
-    names = [type(step).__name__ for step in backbone.pre_processor.transform.transforms]
-    assert names == ["Resize", "Normalize"]
+    assert [type(step).__name__ for step in backbone.pre_processor.transform.transforms] == ["Resize"]
+    # tf_efficientnet_lite0 was trained on inputs standardised with mean = std = 0.5 (timm's pretrained_cfg)
+    torch.testing.assert_close(backbone.model.normalize.mean.flatten(), torch.full((3,), 0.5))
+    imagenet = Dfkdm(feature_source="backbone", image_size=64, layers=["blocks.2"], input_normalization="imagenet")
+    torch.testing.assert_close(imagenet.model.normalize.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))

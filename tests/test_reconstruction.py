@@ -8,25 +8,33 @@ from anomalib.data import ImageBatch, InferenceBatch
 from torchvision.transforms.v2 import InterpolationMode, Normalize, Resize
 
 from anomalib_ext.models import Reconstruction
-from anomalib_ext.models.components import ConvAutoencoder, ReconstructionLoss
+from anomalib_ext.models.components import ConvAutoencoder, MapMoments, ReconstructionLoss
 from anomalib_ext.models.reconstruction import ReconstructionModel
 
 SMALL = {"image_size": 32, "latent_dim": 8, "base_channels": 8, "num_downsamples": 2}
+LOSS = {"l2_weight": 1.0, "ssim_weight": 1.0, "ssim_window_size": 11, "ssim_sigma": 1.5}
+
+
+def _torch_model(**kwargs) -> ReconstructionModel:
+    """The torch model with ``Reconstruction``'s defaults (declared there only)."""
+    return Reconstruction(**kwargs, visualizer=False).model
 
 
 @pytest.mark.parametrize("variant", ["ae", "vae"])
 @pytest.mark.parametrize("value", [0.0, 0.5, 1.0])
 def test_constant_images_give_finite_loss_gradients_and_maps(variant: str, value: float) -> None:
     torch.manual_seed(0)
-    model = ReconstructionModel(variant=variant, **SMALL)
-    loss = ReconstructionLoss(beta=1.0)
+    model = _torch_model(variant=variant, **SMALL)
+    loss = ReconstructionLoss(beta=1.0, **LOSS)
     images = torch.full((4, 3, 32, 32), value)
     terms = loss(images, model(images))
     terms["loss"].backward()
     assert all(torch.isfinite(term).all() for term in terms.values())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     # zero spread everywhere: the floor must keep the standardised map finite
-    model.set_map_statistics(torch.zeros(32, 32), torch.zeros(32, 32))
+    moments = MapMoments()
+    moments.add(torch.zeros(3, 1, 32, 32))
+    model.fit_map_statistics(moments)
     model.eval()
     with torch.no_grad():
         output = model(images)
@@ -57,19 +65,20 @@ def test_plain_autoencoder_has_no_variational_terms() -> None:
     output = network(torch.rand(1, 1, 32, 32))
     assert output.mu is None
     assert output.logvar is None
-    assert "kl" not in ReconstructionLoss()(torch.rand(1, 1, 32, 32), output)
+    assert "kl" not in ReconstructionLoss(beta=1e-3, **LOSS)(torch.rand(1, 1, 32, 32), output)
 
 
 def test_map_statistics_are_learned_from_training_batches_and_standardise_normal_maps() -> None:
     torch.manual_seed(0)
-    model = Reconstruction(variant="ae", **SMALL, smoothing_sigma=1.0)
+    model = Reconstruction(variant="ae", **SMALL, map_sigma=1.0)
     images = torch.rand(6, 3, 32, 32) * 0.2 + 0.4
     batch = ImageBatch(image=images)
     model.on_train_epoch_start()
     model.training_step(batch)
     model.on_validation_epoch_start()  # commits the epoch's statistics
-    assert not torch.equal(model.model.map_mean, torch.zeros_like(model.model.map_mean))
-    assert (model.model.map_scale > 0).all()
+    stats = model.model.map_stats
+    assert not torch.equal(stats.mean, torch.zeros_like(stats.mean))
+    assert (stats.scale > 0).all()
     model.eval()
     with torch.no_grad():
         normal_map = model.model(images).anomaly_map
@@ -112,7 +121,7 @@ def test_images_of_the_wrong_size_get_a_clear_error() -> None:
 
 def test_l2_map_and_raw_map_options() -> None:
     torch.manual_seed(0)
-    model = ReconstructionModel(**SMALL, anomaly_map_mode="l2", normalize_map=False, smoothing_sigma=0).eval()
+    model = _torch_model(**SMALL, anomaly_map_mode="l2", normalize_map=False, map_sigma=0).eval()
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         output = model(images)

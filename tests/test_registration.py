@@ -11,6 +11,7 @@ from anomalib.models import AnomalibModule, get_model, list_models
 from anomalib.utils.path import convert_to_snake_case
 
 import anomalib_ext.models as ours
+from anomalib_ext.models.components import ExtModelMixin
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["TemplateSsim", "TileOutlier", "Dfkdm", "Reconstruction", "TeacherStudent"]
@@ -25,6 +26,7 @@ def test_every_family_is_registered() -> None:
     for name in FAMILIES:
         model_class = getattr(ours, name)
         assert AnomalibModule in model_class.__bases__, f"{name} must subclass AnomalibModule directly"
+        assert ExtModelMixin in model_class.__bases__, f"{name} must use the shared ExtModelMixin"
         assert name in listed
 
 

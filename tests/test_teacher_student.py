@@ -13,7 +13,6 @@ from anomalib.engine import Engine
 from anomalib_ext.data.synthetic import make_mvtec_dataset
 from anomalib_ext.models import TeacherStudent
 from anomalib_ext.models.teacher_student.anomaly_map import cosine_anomaly_map
-from anomalib_ext.models.teacher_student.template import SingleTemplateDataset
 
 IMAGE_SIZE = 64
 
@@ -33,12 +32,13 @@ def test_cosine_map_is_zero_where_features_agree_and_combines_by_mode() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "names"),
     [
-        ({"amap_mode": "max"}, ValueError, "amap_mode"),
+        ({"anomaly_map_mode": "max"}, ValueError, "anomaly_map_mode"),
         ({"teacher_epochs": -1}, ValueError, "teacher_epochs"),
         ({"defect_weight": -1.0}, ValueError, "defect_weight"),
         ({"single_template": "/no/such/good.png"}, FileNotFoundError, "/no/such/good.png"),
         ({"histaugan_checkpoint": "/no/such/generator.pt"}, FileNotFoundError, "/no/such/generator.pt"),
         ({"image_size": (64, 64, 3)}, ValueError, "image_size"),
+        ({"input_normalization": "caffe"}, ValueError, "input_normalization"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, error: type[Exception], names: str) -> None:
@@ -50,7 +50,7 @@ def test_unreadable_template_is_named(tmp_path: Path) -> None:
     broken = tmp_path / "good.png"
     broken.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="good.png"):
-        SingleTemplateDataset(broken, 4, variation=TeacherStudent(image_size=64).variation)
+        TeacherStudent(image_size=64, single_template=str(broken))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_single_template_trains_both_stages_and_localises_planted_defects(synthe
     torch.manual_seed(0)
     template = synthetic_root / "synthetic" / "train" / "good" / "000.png"
     model = TeacherStudent(
-        image_size=IMAGE_SIZE, teacher_epochs=1, single_template=str(template), samples_per_epoch=48, blur_sigma=1.0
+        image_size=IMAGE_SIZE, teacher_epochs=1, single_template=str(template), samples_per_epoch=48, map_sigma=1.0
     )
     teacher_before = [p.detach().clone() for p in model.model.teacher.parameters()]
     datamodule = MVTecAD(
@@ -74,11 +74,12 @@ def test_single_template_trains_both_stages_and_localises_planted_defects(synthe
     engine = Engine(
         max_epochs=5, default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False
     )
+    train_data = datamodule.train_data if hasattr(datamodule, "train_data") else None
     engine.fit(model=model, datamodule=datamodule)
 
-    # the datamodule trained on the template's variations, not on its 8 train images
-    assert isinstance(datamodule.train_data, SingleTemplateDataset)
-    assert len(datamodule.train_data) == 48
+    # the model trained on the template's variations; the user's datamodule was left as it was
+    assert train_data is None or datamodule.train_data is train_data
+    assert type(datamodule.train_data).__module__.startswith("anomalib.")
     # stage 1 changed the teacher, stage 2 froze it
     changed = [not torch.equal(a, b) for a, b in zip(teacher_before, model.model.teacher.parameters(), strict=True)]
     assert any(changed), "teacher fine-tuning did not change the teacher"

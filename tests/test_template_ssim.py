@@ -14,6 +14,15 @@ from anomalib_ext.models import TemplateSsim
 from anomalib_ext.models.components.alignment import to_image_frame
 from anomalib_ext.models.template_ssim import TemplateSsimModel
 
+# the torch model's options beyond TemplateSsim's defaults that these tests switch off unless they test them
+PLAIN = {"photometric": False, "residual": False, "pixel_statistics": False}
+
+
+def _torch_model(**kwargs) -> TemplateSsimModel:
+    """``TemplateSsimModel`` with ``TemplateSsim``'s defaults (declared there only), plain unless asked."""
+    return TemplateSsim(**{**PLAIN, **kwargs}, visualizer=False).model
+
+
 ANGLES = [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0]
 
 
@@ -44,7 +53,7 @@ def dice_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fitted(dice_data: Path) -> tuple[TemplateSsimModel, list[str]]:
     """One template per dice class (11 classes; 07-10 are the same logo turned by quarter turns)."""
     classes = _class_images(dice_data)
-    model = TemplateSsimModel(angles=ANGLES, max_shift=8).eval()
+    model = _torch_model(angles=ANGLES, max_shift=8).eval()
     names = sorted(classes)
     model.fit([classes[n][:5] for n in names], [classes[n][5:] for n in names])
     return model, names
@@ -115,7 +124,7 @@ def test_class_less_mode_finds_one_template_per_kind(tmp_path: Path) -> None:
     )
     train = _class_images(root)
     pooled = torch.cat([train[n] for n in sorted(train)])  # labels thrown away
-    model = TemplateSsimModel(angles=[-4.0, 0.0, 4.0], max_shift=6).eval()
+    model = _torch_model(angles=[-4.0, 0.0, 4.0], max_shift=6).eval()
     order = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(0))
     model.fit([pooled[order[:24]]], [pooled[order[24:]]], num_templates=3)
     assert model.templates.shape == (3, 1, 64, 64)
@@ -128,7 +137,7 @@ def test_class_less_mode_finds_one_template_per_kind(tmp_path: Path) -> None:
 
 def test_wrong_size_or_channels_give_a_clear_error() -> None:
     colour = torch.rand(6, 3, 64, 64)
-    model = TemplateSsimModel(angles=[0.0], max_shift=4).eval()
+    model = _torch_model(angles=[0.0], max_shift=4).eval()
     with pytest.raises(RuntimeError, match="fit"):
         model(colour[:1])
     model.fit([colour[:4]], [colour[4:]])
@@ -138,7 +147,7 @@ def test_wrong_size_or_channels_give_a_clear_error() -> None:
     with pytest.raises(ValueError, match="channel count"):
         model(torch.rand(1, 1, 64, 64))
     with pytest.raises(ValueError, match="topk_fraction"):
-        TemplateSsimModel(angles=[0.0], topk_fraction=0.0)
+        _torch_model(angles=[0.0], topk_fraction=0.0)
     with pytest.raises(ValueError, match="num_templates"):
         TemplateSsim(num_templates=0)
 
@@ -181,7 +190,7 @@ def test_several_templates_per_class_keep_their_class(fitted, dice_data: Path) -
     _, names = fitted
     classes = _class_images(dice_data)
     picked = names[:3]
-    model = TemplateSsimModel(angles=ANGLES, max_shift=8).eval()
+    model = _torch_model(angles=ANGLES, max_shift=8).eval()
     source = model.fit([classes[n][:6] for n in picked], [classes[n][6:] for n in picked], num_templates=2)
     assert source == [0, 0, 1, 1, 2, 2]
     assert model.templates.shape[0] == 6 and model.class_center.shape == (6,)
@@ -196,9 +205,9 @@ def test_pixel_statistics_keep_the_mark_at_the_peak(dice_data: Path) -> None:
     """Per-pixel standardisation (fitted on held-out normals) still puts a planted mark at the map's peak."""
     classes = _class_images(dice_data)
     names = sorted(classes)[:4]
-    model = TemplateSsimModel(angles=ANGLES, max_shift=8, pixel_statistics=True).eval()
+    model = _torch_model(angles=ANGLES, max_shift=8, pixel_statistics=True).eval()
     model.fit([classes[n][:4] for n in names], [classes[n][4:] for n in names])
-    assert model.pixel_std.shape == (4, 1, 96, 96) and bool((model.pixel_std > 0).all())
+    assert model.pixel_stats.scale.shape == (4, 1, 96, 96) and bool((model.pixel_stats.scale > 0).all())
     normal = _class_images(dice_data, "test")[names[2]][0]
     marked = normal.clone()
     yy, xx = torch.meshgrid(torch.arange(96), torch.arange(96), indexing="ij")
@@ -215,11 +224,11 @@ def test_lighting_changes_are_discounted_but_a_thin_line_is_not(dice_data: Path)
     highlight barely move the score, a thin light line inside a dark area does (the dice failure modes)."""
     classes = _class_images(dice_data)
     names = sorted(classes)[:4]
-    model = TemplateSsimModel(
+    model = _torch_model(
         angles=ANGLES, max_shift=8, pixel_statistics=True, photometric=True, residual=True, illumination_sigma=4.0
     ).eval()
     model.fit([classes[n][:4] for n in names], [classes[n][4:] for n in names])
-    assert model.pixel_mean.shape == (4, 2, 96, 96) and bool((model.pixel_std > 0).all())
+    assert model.pixel_stats.mean.shape == (4, 2, 96, 96) and bool((model.pixel_stats.scale > 0).all())
     normal = _class_images(dice_data, "test")[names[1]][0]
     yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
     darker = (normal * 0.85 - 0.03).clamp(0, 1)  # another lighting session
@@ -262,7 +271,7 @@ def test_gain_trend_takes_the_lighting_out_of_normal_scores(tmp_path: Path) -> N
     marked[:, :, ((yy - 60) ** 2 + (xx - 40) ** 2) <= 16] = 0.05
     gaps = {}
     for trend in (False, True):
-        model = TemplateSsimModel(angles=ANGLES, max_shift=8, photometric=True, residual=True, gain_trend=trend).eval()
+        model = _torch_model(angles=ANGLES, max_shift=8, photometric=True, residual=True, gain_trend=trend).eval()
         model.fit(templates, calibration)
         with torch.no_grad():
             scores = model(torch.cat([bright, dark, marked])).pred_score
@@ -275,24 +284,12 @@ def test_gain_trend_takes_the_lighting_out_of_normal_scores(tmp_path: Path) -> N
 
 def test_gain_trend_does_not_extrapolate_beyond_the_normals() -> None:
     """A gain far outside the held-out normals' range gets the centre at the edge of that range."""
-    model = TemplateSsimModel(angles=[0.0], photometric=True, gain_trend=True)
+    model = _torch_model(angles=[0.0], photometric=True, gain_trend=True)
     model.class_center = torch.tensor([1.0])
     model.gain_reference, model.gain_slope = torch.tensor([0.95]), torch.tensor([-20.0])
     model.gain_low, model.gain_high = torch.tensor([0.85]), torch.tensor([1.05])
     centers = model.normal_center(torch.tensor([0, 0, 0]), torch.tensor([0.3, 0.9, 1.5]))
     torch.testing.assert_close(centers, torch.tensor([1.0 + 20 * 0.1, 1.0 + 20 * 0.05, 1.0 - 20 * 0.1]))
-
-
-def test_checkpoint_from_before_the_gain_trend_loads(fitted, dice_data: Path) -> None:
-    """A state dict without the gain buffers (older checkpoints) loads and scores as before: no trend."""
-    model, names = fitted
-    state = {key: value for key, value in model.state_dict().items() if not key.startswith("gain_")}
-    reloaded = TemplateSsimModel(angles=ANGLES, max_shift=8, gain_trend=True).eval()
-    reloaded.load_state_dict(state)
-    images = _class_images(dice_data, "test")[names[0]]
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(images).pred_score, model(images).pred_score)
-    assert reloaded.gain_slope.numel() == 0
 
 
 def test_fit_does_not_depend_on_the_order_of_the_training_images(dice_data: Path) -> None:

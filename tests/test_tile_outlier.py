@@ -6,12 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from anomalib_ext.models.components.memory_bank import (
+from anomalib_ext.models.components.sampling import (
     ReservoirSampler,
     greedy_coreset_indices,
     grouped_greedy_coreset_indices,
 )
 from anomalib_ext.models.components.tiling import TileGrid, paint_tile_scores
+
+
+def _torch_model(**kwargs):
+    """``TileOutlierModel`` with ``TileOutlier``'s defaults (declared there only)."""
+    from anomalib_ext.models import TileOutlier
+
+    return TileOutlier(**kwargs, visualizer=False).model
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -74,15 +81,13 @@ def test_pooling_matrices_average_over_the_tile_area() -> None:
     ],
 )
 def test_bad_parameters_are_named_in_the_error(kwargs: dict, word: str) -> None:
-    from anomalib_ext.models.tile_outlier import TileOutlierModel
-
     arguments = {"image_size": (64, 64), "pre_trained": False, "tile_size": 16, "stride": 8}
     if "num_parts" in kwargs:
         arguments.pop("stride")
         arguments.pop("tile_size")
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=word):
-        TileOutlierModel(**arguments)
+        _torch_model(**arguments)
 
 
 # ---------------------------------------------------------------------------------------- memory bank
@@ -147,9 +152,7 @@ def test_reservoir_sample_does_not_depend_on_the_stream_order() -> None:
 
 @pytest.mark.parametrize("position_aware", [True, False])
 def test_bank_cap_is_respected(position_aware: bool) -> None:
-    from anomalib_ext.models.tile_outlier import TileOutlierModel
-
-    model = TileOutlierModel(
+    model = _torch_model(
         image_size=(64, 64),
         tile_size=16,
         stride=8,
@@ -164,7 +167,7 @@ def test_bank_cap_is_respected(position_aware: bool) -> None:
     model.eval()
     # a tile equal to a bank tile (at its own position) scores 0
     if position_aware:
-        pad = model.neighbourhood
+        pad = model.neighborhood
         query = model.memory_bank[pad : pad + rows, pad : pad + cols, 0][None]
     else:
         query = model.memory_bank[0].expand(1, rows, cols, -1)
@@ -188,15 +191,13 @@ def fitted_tile_model(tmp_path_factory: pytest.TempPathFactory):
     from anomalib.data.utils import read_image, read_mask
 
     from anomalib_ext.data.synthetic import make_mvtec_dataset
-    from anomalib_ext.models.components import imagenet_normalize
-    from anomalib_ext.models.tile_outlier import TileOutlierModel
 
     root = tmp_path_factory.mktemp("tiles")
     category = make_mvtec_dataset(root, image_size=128, n_train=24, n_test_good=2, n_test_per_defect=3, seed=3)
-    model = TileOutlierModel(image_size=(128, 128), num_parts=4, tile_size=None, stride=None).eval()
+    model = _torch_model(image_size=(128, 128), num_parts=4, tile_size=None, stride=None).eval()
 
-    def load(paths: list) -> torch.Tensor:
-        return imagenet_normalize(torch.stack([read_image(path, as_tensor=True) for path in paths]))
+    def load(paths: list) -> torch.Tensor:  # raw [0, 1] images: the model normalises them for its backbone
+        return torch.stack([read_image(path, as_tensor=True) for path in paths])
 
     with torch.no_grad():
         model.fit_bank(model.embed(load(sorted((category / "train" / "good").glob("*.png")))))

@@ -1,15 +1,18 @@
 """Compare anomaly models on your own datasets in one command: accuracy, speed, memory, exported size, plots.
 
-Every (dataset, model) cell runs in its own process with a time limit; each finished cell is saved at once,
-so a long run can be stopped and resumed (``--resume DIR``) and a failing or hung model is recorded with its
-error while the others continue. Every dataset is checked file by file before the first cell runs, so a bad
-image is named at once instead of failing each cell. See ``docs/benchmark.md``.
+Every (dataset, model, seed) run is a cell in its own process with a time limit; each finished cell is saved
+at once, so a long run can be stopped and resumed (``--resume DIR``) and a failing or hung model is recorded
+with its error while the others continue (the exit status is then 1). Every dataset is checked file by file
+before the first cell runs, so a bad image is named at once instead of failing each cell. Studies
+(``--study sessions|augmentation|scaling``) run on the same cells. See ``docs/benchmark.md``.
 
 Examples::
 
     .venv/bin/python tools/benchmark.py --quick
     .venv/bin/python tools/benchmark.py --dataset ../shared/data/mvtec_ad/bottle --dataset ../shared/data/dice \\
         --model padim --model patchcore --model configs/tile_outlier/mvtec.yaml --time-limit 900
+    .venv/bin/python tools/benchmark.py --dataset ../shared/data/mvtec_ad/bottle --model padim --seeds 3 --val-draws 5
+    .venv/bin/python tools/benchmark.py --dataset ../shared/data/dice --model template_ssim --study sessions
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarking.datasets import prepare_dice_split  # noqa: E402
+from benchmarking import studies  # noqa: E402
 from benchmarking.report import write_reports  # noqa: E402
 from benchmarking.specs import (  # noqa: E402
     REPO_ROOT,
@@ -46,7 +49,12 @@ DEFAULT_MODELS = ("padim", "patchcore", "stfpm", "dfkde", "dfm")
 QUICK_MODELS = ("padim", "dfm")
 MANIFEST = "benchmark.json"
 # settings that change the numbers: a resumed run must use the same ones
-RESULT_SETTINGS = ("image_size", "max_epochs", "seed", "batch_size", "speed_images", "openvino", "quick", "threads")
+RESULT_SETTINGS = (
+    *("image_size", "max_epochs", "seed", "batch_size", "speed_images", "openvino", "quick", "threads"),
+    *("val_split", "val_draws", "speed_only", "study", "train_counts", "augmented_views", "export_precisions"),
+)
+EXIT_FAILED_CELLS = 1  # some cell failed or timed out (its row says why)
+EXIT_USAGE = 2  # bad arguments or data: nothing ran
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="[label=]PATH[:{yaml options}] in MVTec, folder or dice layout (repeatable). Options: image_size, "
-        "val_split_ratio; dice also train_per_class, val_normal_per_class, test_normal_per_class, "
-        "max_anomalies_per_split, val_sessions, test_sessions",
+        "val_split_ratio; dice: anomalib_ext.data.Dice's holdout_sessions, holdout_fraction, val_sessions, "
+        "val_split_ratio, test_split_ratio, max_train_per_class",
     )
     parser.add_argument(
         "--model",
@@ -88,7 +96,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speed-images", type=int, default=32, help="test images timed at batch size 1")
     parser.add_argument("--visuals", type=int, default=4, help="visualizer images saved per cell")
     parser.add_argument("--no-openvino", action="store_true", help="skip OpenVINO export and timing")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--export-precision",
+        default="fp32",
+        help="comma-separated OpenVINO export precisions, e.g. fp32,int8 (int8 = anomalib's INT8_PTQ, calibrated "
+        "on the validation images): per cell and precision the OpenVINO throughput, the image/pixel AUROC of the "
+        "exported model itself, and the bare backbone trunk's throughput (one results.csv row each; default fp32)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="first seed (model init, data split, synthetic anomalies)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="run every cell with seeds SEED .. SEED+N-1; reports mean and spread"
+    )
+    parser.add_argument(
+        "--val-split",
+        choices=("synthetic", "same_as_test"),
+        default="synthetic",
+        help="where thresholds come from: 'synthetic' = held-out validation (MVTec/folder: held-out normals + "
+        "synthetic anomalies; dice: Dice's validation split), or 'same_as_test' = anomalib's MVTecAD default, "
+        "thresholds picked ON THE TEST IMAGES (F1 inflated; only to compare with figures quoted that way)",
+    )
+    parser.add_argument(
+        "--val-draws",
+        type=int,
+        default=1,
+        help="re-draw the synthetic validation anomalies N times (same fitted model): threshold and test F1 per draw",
+    )
+    parser.add_argument("--speed-only", action="store_true", help="fit, then time torch/OpenVINO; no test metrics")
+    parser.add_argument("--study", choices=sorted(studies.STUDIES), help="a named study on the same cells")
+    parser.add_argument(
+        "--train-counts", type=int, nargs="+", default=[], help="--study scaling: training-set sizes, one cell each"
+    )
+    parser.add_argument(
+        "--augmented-views", type=int, default=8, help="--study augmentation: views per training image (default 8)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -98,13 +138,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--run-cell", type=Path, help=argparse.SUPPRESS)  # internal: child process entry point
     args = parser.parse_args(argv)
-    for name in ("time_limit", "max_epochs", "batch_size", "speed_images", "threads"):
+    for name in ("time_limit", "max_epochs", "batch_size", "speed_images", "threads", "seeds", "val_draws"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.image_size is not None and args.image_size < 32:
         parser.error(f"--image-size must be at least 32 pixels, got {args.image_size}")
     if args.visuals < 0:
         parser.error(f"--visuals must be >= 0, got {args.visuals}")
+    if args.val_split == "same_as_test" and args.val_draws > 1:
+        parser.error("--val-split same_as_test has no synthetic validation to re-draw: drop --val-draws")
+    if args.study == "scaling" and (not args.train_counts or min(args.train_counts) < 1):
+        parser.error("--study scaling needs --train-counts N [N ...] (positive training-set sizes)")
+    if args.augmented_views < 1:
+        parser.error(f"--augmented-views must be positive, got {args.augmented_views}")
+    precisions = [name.strip().lower() for name in args.export_precision.split(",") if name.strip()]
+    unknown = sorted(set(precisions) - {"fp32", "int8"})
+    if not precisions or unknown or len(set(precisions)) != len(precisions):
+        parser.error(f"--export-precision takes fp32 and/or int8, comma-separated, got {args.export_precision!r}")
+    if args.no_openvino and precisions != ["fp32"]:
+        parser.error("--export-precision needs the OpenVINO export: drop --no-openvino")
+    # fp32 first: the int8 speed-up and the backbone fraction are relative to it
+    args.export_precisions = sorted(set(precisions) | {"fp32"}, key=("fp32", "int8").index)
     if args.report_only and not args.resume:
         parser.error("--report-only needs --resume DIR (the results folder to rebuild)")
     if args.resume and args.out and args.resume.resolve() != args.out.resolve():
@@ -143,9 +197,17 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "speed_images": 8 if quick else args.speed_images,
         "n_visuals": 2 if quick else args.visuals,
         "openvino": not args.no_openvino,
+        "export_precisions": args.export_precisions,
         "quick": quick,
         "time_limit": args.time_limit,
         "threads": args.threads,
+        "seeds": args.seeds,
+        "val_split": args.val_split,
+        "val_draws": args.val_draws,
+        "speed_only": args.speed_only,
+        "study": args.study,
+        "train_counts": sorted(args.train_counts) if args.study == "scaling" else [],
+        "augmented_views": args.augmented_views if args.study == "augmentation" else None,
     }
 
 
@@ -200,22 +262,45 @@ def check_dataset(spec: DatasetSpec) -> None:
         raise SpecError(msg) from None
 
 
-def prepare_datasets(specs: list[DatasetSpec], out: Path) -> list[dict[str, Any]]:
-    """Dice layouts become explicit split trees (links) under ``out/datasets``; others are used in place.
+def check_options(spec: DatasetSpec) -> None:
+    """Name an unknown dataset option at once, with the ones this layout accepts."""
+    from benchmarking.cell import DATASET_OPTIONS
 
-    All datasets are checked first, so that no split is made and no cell runs when one of them has a bad file.
+    known = DATASET_OPTIONS.get(spec.kind, ())
+    unknown = sorted(set(spec.options) - set(known))
+    if unknown:
+        extra = " (the seed comes from --seed/--seeds)" if "seed" in unknown else ""
+        msg = (
+            f"--dataset {spec.label}: unknown option(s) {unknown} for a {spec.kind} layout; known: {list(known)}{extra}"
+        )
+        raise SpecError(msg)
+
+
+def prepare_datasets(specs: list[DatasetSpec], seed: int) -> list[dict[str, Any]]:
+    """Check every dataset (files and options) before any cell runs; dice splits are counted with ``Dice``.
+
+    A dice-layout dataset is ``anomalib_ext.data.Dice`` with the benchmark's protocol (``DICE_DEFAULTS``) and
+    the dataset's options: building its split here names a bad option or an empty split before any cell runs.
     """
     for spec in specs:
+        check_options(spec)
         check_dataset(spec)
     prepared = []
     for spec in specs:
         entry = spec.to_dict()
         if spec.kind == "dice":
-            destination = out / "datasets" / spec.label
-            split_options = {k: v for k, v in spec.options.items() if k not in ("image_size", "val_split_ratio")}
-            counts = prepare_dice_split(Path(spec.path), destination, split_options)
-            print(f"dataset {spec.label}: dice split under {destination}: {counts}", flush=True)
-            entry.update(kind="split", path=str(destination), source=spec.path, split_counts=counts)
+            from benchmarking.cell import build_dice
+
+            try:
+                tables = build_dice(Path(spec.path), spec.options, seed).split_samples()
+            except (TypeError, ValueError, FileNotFoundError) as error:
+                msg = f"--dataset {spec.label}: {error}"
+                raise SpecError(msg) from None
+            counts = {name: len(table) for name, table in tables.items()}
+            counts["val_anomalous"] = int((tables["val"].label_index == 1).sum())
+            counts["test_anomalous"] = int((tables["test"].label_index == 1).sum())
+            print(f"dataset {spec.label}: anomalib_ext.data.Dice split (seed {seed}): {counts}", flush=True)
+            entry["split_counts"] = counts
         prepared.append(entry)
     return prepared
 
@@ -233,8 +318,7 @@ def resolve_cell_model(model: dict[str, Any], dataset: dict[str, Any]) -> dict[s
     """A model spec with a concrete class path for this dataset (config families pick their config here)."""
     if not model.get("config_family"):
         return model
-    kind = "dice" if dataset.get("source") else dataset["kind"]
-    config = resolve_config_family(model["config_family"], kind, dataset["label"])
+    config = resolve_config_family(model["config_family"], dataset["kind"], dataset.get("scaling_of", dataset["label"]))
     resolved = parse_model(str(config)).to_dict()
     resolved["label"] = model["label"]
     resolved["init_args"].update(model["init_args"])
@@ -273,7 +357,7 @@ def run_one_cell(cell_dir: Path, spec: dict[str, Any], time_limit: float) -> dic
         return json.loads(result_path.read_text())
     partial_path = cell_dir / "partial.json"
     result = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
-    result.update(dataset=spec["dataset"]["label"], model=spec["model"]["label"])
+    result.update(dataset=spec["dataset"]["label"], model=spec["model"]["label"], seed=spec["seed"])
     stage = result.get("stage", "setup")
     if timed_out:
         result.update(status="timeout", error=f"killed after the {time_limit:.0f} s time limit in stage '{stage}'")
@@ -289,14 +373,26 @@ def run_one_cell(cell_dir: Path, spec: dict[str, Any], time_limit: float) -> dic
 def summary(result: dict[str, Any]) -> str:
     if result.get("status") != "ok":
         return f"{result.get('status')}: {str(result.get('error', '')).splitlines()[0][:200]}"
-    parts = [f"image AUROC {result['image_auroc']:.3f}"]
+    parts = [f"image AUROC {result['image_auroc']:.3f}"] if result.get("image_auroc") is not None else []
     if result.get("image_f1") is not None:
         parts.append(f"F1 {result['image_f1']:.3f}")
     if result.get("pixel_auroc") is not None:
         parts.append(f"pixel AUROC {result['pixel_auroc']:.3f}")
+    if result.get("image_f1_draws"):
+        parts.append("F1 per val draw " + "/".join(f"{value:.3f}" for value in result["image_f1_draws"]))
     parts.append(f"fit {result['fit_seconds']:.1f} s")
-    if result.get("openvino_images_per_s"):
-        parts.append(f"OpenVINO {result['openvino_images_per_s']:.1f} img/s")
+    if result.get("torch_images_per_s"):
+        parts.append(f"torch {result['torch_images_per_s']:.1f} img/s")
+    for export in result.get("openvino_exports") or [{"openvino_precision": "", **result}]:
+        if export.get("openvino_images_per_s"):
+            auroc = export.get("openvino_image_auroc")
+            name = " ".join(filter(None, ("OpenVINO", export["openvino_precision"])))
+            parts.append(
+                f"{name} {export['openvino_images_per_s']:.1f} img/s"
+                + (f" (image AUROC {auroc:.3f})" if auroc is not None else "")
+            )
+    if result.get("backbone_img_per_s"):
+        parts.append(f"backbone trunk {result['backbone_img_per_s']:.1f} img/s")
     return "ok: " + ", ".join(parts)
 
 
@@ -314,9 +410,16 @@ def header_lines(manifest: dict[str, Any]) -> list[str]:
         f"- Settings: image size {settings['image_size'] or 'model default'}, max epochs "
         f"{settings['max_epochs']} (gradient models), speed on {settings['speed_images']} test images at "
         f"batch size 1 with {settings['threads']} CPU thread(s) for torch and OpenVINO, time limit "
-        f"{settings['time_limit']:.0f} s per cell",
+        f"{settings['time_limit']:.0f} s per cell; each speed is reported with the load average when it was timed",
+        f"- Seeds: {settings['seed']}..{settings['seed'] + settings.get('seeds', 1) - 1}"
+        + (f"; {settings['val_draws']} synthetic validation draws per run" if settings.get("val_draws", 1) > 1 else "")
+        + (f"; study: {settings['study']}" if settings.get("study") else "")
+        + ("; speed only (no test metrics)" if settings.get("speed_only") else ""),
         "- Image F1 uses the threshold the PostProcessor chose on the validation split (never the test split); "
-        "peak RSS is the cell process's max resident memory (fit, test, export and OpenVINO inference)",
+        "peak RSS is the cell process's max resident memory (fit, test, export and OpenVINO inference)"
+        if settings.get("val_split", "synthetic") == "synthetic"
+        else "- **--val-split same_as_test: thresholds were picked on the TEST images** (anomalib's MVTecAD default); "
+        "image F1 is optimistic and not comparable with held-out F1",
     ]
 
 
@@ -344,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest_path = out / MANIFEST
         if resuming:
             manifest = json.loads(manifest_path.read_text())
+            manifest["settings"].setdefault("export_precisions", ["fp32"])  # runs from before the option
             changed = [
                 f"{key}: was {manifest['settings'].get(key)!r}, now {settings.get(key)!r}"
                 for key in RESULT_SETTINGS
@@ -353,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
                 msg = f"--resume {out}: settings differ from the original run ({'; '.join(changed)})"
                 raise SpecError(msg)
             manifest["settings"]["time_limit"] = settings["time_limit"]
+            # more seeds on resume only add runs; fewer keep the runs already made
+            manifest["settings"]["seeds"] = max(settings["seeds"], manifest["settings"].get("seeds", 1))
+            settings = manifest["settings"]
             manifest.setdefault("resumed", []).append(
                 {"command": command_line(argv), "at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M")}
             )
@@ -377,26 +484,42 @@ def main(argv: list[str] | None = None) -> int:
             if not dataset_specs:
                 msg = "no --dataset given (or use --quick for synthetic data)"
                 raise SpecError(msg)
-            manifest["datasets"] = prepare_datasets(dataset_specs, out)
-            manifest["models"] = [model.to_dict() for model in models]
+            manifest["datasets"], manifest["models"] = studies.expand(
+                settings["study"],
+                prepare_datasets(dataset_specs, settings["seed"]),
+                [model.to_dict() for model in models],
+                settings,
+            )
         manifest_path.write_text(json.dumps(manifest, indent=2))
     except (SpecError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         if created_out is not None and not (created_out / MANIFEST).exists():
-            # nothing ran: remove the folder this call made (only links and split lists), so a rerun may use it
+            # nothing ran: remove the folder this call made (only the quick data), so a rerun may use it
             shutil.rmtree(created_out, ignore_errors=True)
-        return 2
+        return EXIT_USAGE
+    return run_cells(args, out, manifest)
 
+
+def run_cells(args: argparse.Namespace, out: Path, manifest: dict[str, Any]) -> int:
+    """Run every (dataset, model, seed) cell not yet done, with progress and an estimate of the time left."""
+    settings = manifest["settings"]
     signal.signal(signal.SIGTERM, _interrupt)
-    cells = [(dataset, model) for dataset in manifest["datasets"] for model in manifest["models"]]
-    order = [cell_id(dataset["label"], model["label"]) for dataset, model in cells]
+    seeds = range(settings["seed"], settings["seed"] + settings["seeds"])
+    cells = [
+        (dataset, model, seed) for dataset in manifest["datasets"] for model in manifest["models"] for seed in seeds
+    ]
+    order = [f"{cell_id(dataset['label'], model['label'])}/seed{seed}" for dataset, model, seed in cells]
+
+    def report() -> list[dict[str, Any]]:
+        return write_reports(out, header_lines(manifest), order, lambda rows: studies.report(settings["study"], rows))
+
     print(f"benchmark: {len(cells)} cells -> {out}", flush=True)
     started = time.perf_counter()
-    for index, (dataset, model) in enumerate(cells, start=1):
-        name = order[index - 1]
-        cell_dir = out / "cells" / name
+    cell_seconds: list[float] = []
+    for index, (dataset, model, seed) in enumerate(cells, start=1):
+        cell_dir = out / "cells" / order[index - 1]
         previous = cell_dir / "result.json"
-        prefix = f"[{index}/{len(cells)}] {dataset['label']} x {model['label']}"
+        prefix = f"[{index}/{len(cells)}] {dataset['label']} x {model['label']} (seed {seed})"
         if args.report_only:
             continue
         if previous.is_file():
@@ -405,22 +528,37 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{prefix}: kept from earlier run ({status})", flush=True)
                 continue
         print(f"{prefix}: running (limit {settings['time_limit']:.0f} s) ...", flush=True)
-        spec = {"cell_dir": str(cell_dir.resolve()), "dataset": dataset, "settings": manifest["settings"]}
+        spec = {"cell_dir": str(cell_dir.resolve()), "dataset": dataset, "settings": settings, "seed": seed}
+        cell_start = time.perf_counter()
         try:
             spec["model"] = resolve_cell_model(model, dataset)
         except SpecError as error:
             cell_dir.mkdir(parents=True, exist_ok=True)
-            result = {**{"dataset": dataset["label"], "model": model["label"]}, "status": "error", "error": str(error)}
+            result = {"dataset": dataset["label"], "model": model["label"], "seed": seed}
+            result.update(status="error", error=str(error))
             previous.write_text(json.dumps(result, indent=2))
         else:
             result = run_one_cell(cell_dir, spec, settings["time_limit"])
-        elapsed = time.perf_counter() - started
-        print(f"{prefix}: {summary(result)} [{elapsed / 60:.1f} min elapsed]", flush=True)
-        write_reports(out, header_lines(manifest), order)
-    rows = write_reports(out, header_lines(manifest), order)
+        cell_seconds.append(time.perf_counter() - cell_start)
+        print(f"{prefix}: {summary(result)}", flush=True)
+        print(progress_line(index, len(cells), time.perf_counter() - started, cell_seconds), flush=True)
+        report()
+    rows = report()
     failed = [row for row in rows if row.get("status") != "ok"]
     print(f"done: {len(rows) - len(failed)} ok, {len(failed)} failed; see {out / 'results.md'}", flush=True)
-    return 0
+    for row in failed:
+        print(f"  {row.get('status')}: {row['dataset']} x {row['model']} (seed {row.get('seed')})", flush=True)
+    return EXIT_FAILED_CELLS if failed else 0
+
+
+def progress_line(done: int, total: int, elapsed: float, cell_seconds: list[float]) -> str:
+    """``progress: done/total cells, elapsed, ETA`` from the mean time of the cells run by this call."""
+    remaining = total - done
+    eta = remaining * sum(cell_seconds) / len(cell_seconds) if cell_seconds else 0.0
+    return (
+        f"progress: {done}/{total} cells, {elapsed / 60:.1f} min elapsed, ETA {eta / 60:.1f} min "
+        f"({remaining} left at {sum(cell_seconds) / max(1, len(cell_seconds)):.0f} s per cell)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,20 +26,16 @@ DEMO_MODELS: dict[str, dict] = {
 DEFAULT_MODEL = "TileOutlier"
 
 
-def build_model(name: str, init_args: dict):
-    import anomalib_ext.models as ours
+def build_model(name: str, init_args: dict):  # noqa: ANN201 (AnomalibModule)
+    """The demo model through the benchmark's one builder (offline backbone weights included)."""
+    if name not in DEMO_MODELS:
+        msg = f"unknown demo model '{name}'; choose one of {', '.join(DEMO_MODELS)}"
+        raise SystemExit(msg)
+    sys.path.insert(0, str(REPO / "tools"))
+    from benchmarking.cell import build_model as build
 
-    if hasattr(ours, name):
-        return getattr(ours, name)(**init_args)
-    if name == "Padim":
-        from anomalib.models import Padim
-
-        from anomalib_ext.weights import ensure_pretrained
-
-        ensure_pretrained("tf_efficientnet_lite0")
-        return Padim(**init_args)
-    msg = f"unknown demo model '{name}'; choose one of {', '.join(DEMO_MODELS)}"
-    raise SystemExit(msg)
+    class_path = "anomalib.models.Padim" if name == "Padim" else f"anomalib_ext.models.{name}"
+    return build({"class_path": class_path, "init_args": init_args})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,11 +35,14 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 from tqdm import tqdm
 
-from anomalib_ext.data.validation import DataValidationError, check_image_file
+from anomalib_ext.data.validation import IMAGE_SUFFIXES, DataValidationError, check_image_file
 from anomalib_ext.models.components.tiling import split_bands
 
+# the audit's tile embedding has always used ImageNet statistics; kept here so it does not depend on the models'
+# input-normalisation options
+IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406))
+IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225))
 FASTDUP_HINT = "pip install --no-deps fastdup==2.54 requests pillow_heif sentry-sdk (non-commercial licence)"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -95,7 +98,7 @@ def file_problem(path: Path) -> str:
 
 def embed_torch(tiles: list[Tile], crop_size: int = 64, batch_size: int = 64) -> torch.Tensor:
     """Offline ``tf_efficientnet_lite0``: each tile resized to ``crop_size``, layer means, L2-normalised."""
-    from anomalib_ext.models.components import build_feature_extractor, imagenet_normalize
+    from anomalib_ext.models.components import build_feature_extractor
 
     layers = ["blocks.2", "blocks.4"]
     extractor = build_feature_extractor(layers=layers)
@@ -107,7 +110,7 @@ def embed_torch(tiles: list[Tile], crop_size: int = 64, batch_size: int = 64) ->
                 for tile in tiles[start : start + batch_size]
             ]
             batch = torch.from_numpy(np.stack(crops).copy()).permute(0, 3, 1, 2).float() / 255
-            features = extractor(imagenet_normalize(batch))
+            features = extractor((batch - IMAGENET_MEAN.view(1, 3, 1, 1)) / IMAGENET_STD.view(1, 3, 1, 1))
             joined = torch.cat([F.normalize(features[layer].mean((2, 3)), dim=1) for layer in layers], 1)
             embeddings.append(F.normalize(joined, dim=1))
     return torch.cat(embeddings)

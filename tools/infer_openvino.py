@@ -8,10 +8,16 @@ Imports only OpenVINO, NumPy and OpenCV (no torch, no anomalib), so it runs wher
 - ``overlays/<name>.png``: the image with the anomaly map as a heat map and the mask outlined;
 - ``errors.csv``: images that could not be read, with the reason (they are skipped, not fatal).
 
+Two modes, same results (tested): ``--mode sync`` infers one image at a time (lowest latency);
+``--mode async`` (the default) is OpenVINO's throughput mode: an ``AsyncInferQueue`` keeps several inference
+requests in flight over ``--streams`` CPU streams while the next images are read and the finished ones are
+written, in input order. A progress line on stderr gives images/s and the time left (``--no-progress``
+turns it off).
+
 Example::
 
     python tools/infer_openvino.py --model results/demo/export/weights/openvino/model.xml \\
-        --input datasets/demo/synthetic/test --output results/demo/edge
+        --input datasets/demo/synthetic/test --output results/demo/edge --streams 2 --threads 2
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +34,9 @@ import cv2
 import numpy as np
 import openvino as ov
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# a copy of anomalib_ext.data.validation.IMAGE_SUFFIXES: this tool must run without torch, anomalib or
+# anomalib_ext installed (tests/test_benchmark.py asserts that the two lists are equal)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class InferenceError(RuntimeError):
@@ -73,14 +82,33 @@ def iter_images(source: Path) -> Iterator[Path]:
 
 
 class EdgeModel:
-    """A compiled OpenVINO anomaly model; ``precision`` f32 gives the same answers as torch."""
+    """A compiled OpenVINO anomaly model; ``precision`` f32 gives the same answers as torch.
 
-    def __init__(self, model_path: Path, device: str = "CPU", precision: str = "f32") -> None:
+    ``mode`` ``sync`` compiles for latency (one request at a time); ``async`` compiles for throughput
+    (``PERFORMANCE_HINT: THROUGHPUT``, ``streams`` CPU streams, default OpenVINO's choice) and
+    :meth:`requests` says how many requests to keep in flight. ``threads`` caps OpenVINO's CPU threads (0 = all).
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        device: str = "CPU",
+        precision: str = "f32",
+        mode: str = "sync",
+        streams: int = 0,
+        threads: int = 0,
+    ) -> None:
         if not model_path.is_file():
             msg = f"{model_path}: model file not found (expected the model.xml written by anomalib export)"
             raise InferenceError(msg)
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": precision} if device.upper() == "CPU" else {}
+        config: dict[str, str] = {"PERFORMANCE_HINT": "THROUGHPUT" if mode == "async" else "LATENCY"}
+        if device.upper() == "CPU":
+            config["INFERENCE_PRECISION_HINT"] = precision
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = str(threads)
+        if streams:
+            config["NUM_STREAMS"] = str(streams)
         try:
             model = core.read_model(str(model_path))
         except RuntimeError as error:
@@ -93,11 +121,19 @@ class EdgeModel:
         )
         self.output_names = [next(iter(output.get_names())) for output in self.compiled.outputs]
 
-    def predict(self, rgb: np.ndarray) -> Prediction:
+    def requests(self) -> int:
+        """How many inference requests the compiled model wants in flight (1 in latency mode)."""
+        return max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """The (1, 3, H, W) float input in [0, 1], resized to the model's input size."""
         if self.input_size is not None and rgb.shape[:2] != self.input_size:
             rgb = cv2.resize(rgb, self.input_size[::-1], interpolation=cv2.INTER_AREA)
-        tensor = (rgb.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
-        outputs = dict(zip(self.output_names, self.compiled(tensor).to_tuple(), strict=True))
+        return np.ascontiguousarray((rgb.astype(np.float32) / 255.0).transpose(2, 0, 1)[None])
+
+    def decode(self, arrays: list[np.ndarray]) -> Prediction:
+        """The model's outputs (in ``output_names`` order) as a :class:`Prediction`."""
+        outputs = dict(zip(self.output_names, arrays, strict=True))
         anomaly_map = outputs.get("anomaly_map")
         mask = outputs.get("pred_mask")
         score = float(np.ravel(outputs["pred_score"])[0])
@@ -108,6 +144,71 @@ class EdgeModel:
             anomaly_map=None if anomaly_map is None else np.asarray(anomaly_map, np.float32).squeeze(),
             mask=None if mask is None else np.asarray(mask).squeeze().astype(bool),
         )
+
+    def predict(self, rgb: np.ndarray) -> Prediction:
+        """One image, synchronously."""
+        return self.decode(list(self.compiled(self.prepare(rgb)).to_tuple()))
+
+    def predict_all(self, items: Iterator[tuple[Path, np.ndarray]]) -> Iterator[tuple[Path, np.ndarray, Prediction]]:
+        """Every ``(path, rgb)`` through an ``AsyncInferQueue``; yields results in input order as they finish."""
+        finished: dict[int, list[np.ndarray]] = {}
+
+        def done(request: ov.InferRequest, index: int) -> None:
+            # copies: the request's output tensors are reused by the next image it runs
+            finished[index] = [np.array(tensor.data) for tensor in request.output_tensors]
+
+        queue = ov.AsyncInferQueue(self.compiled, self.requests())
+        queue.set_callback(done)
+        pending: dict[int, tuple[Path, np.ndarray]] = {}
+        next_out = 0
+        for index, (path, rgb) in enumerate(items):
+            pending[index] = (path, rgb)
+            queue.start_async(self.prepare(rgb), userdata=index)  # blocks while every request is busy
+            while next_out in finished:
+                path_out, rgb_out = pending.pop(next_out)
+                yield path_out, rgb_out, self.decode(finished.pop(next_out))
+                next_out += 1
+        queue.wait_all()
+        while next_out in finished:
+            path_out, rgb_out = pending.pop(next_out)
+            yield path_out, rgb_out, self.decode(finished.pop(next_out))
+            next_out += 1
+
+
+class Progress:
+    """``done/total images, N img/s, M:SS left`` on stderr: redrawn in place on a terminal, a line every
+    ``every`` seconds (and at the end) otherwise, so logs stay short."""
+
+    def __init__(self, total: int, enabled: bool = True, every: float = 5.0) -> None:
+        self.total, self.enabled, self.every = total, enabled, every
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done / elapsed
+        seconds_left = int((self.total - self.done) / rate) if rate > 0 else 0
+        left = f"{seconds_left // 60}:{seconds_left % 60:02d}"
+        width = 24
+        filled = int(width * self.done / self.total) if self.total else width
+        bar = "#" * filled + "." * (width - filled)
+        return f"[{bar}] {self.done}/{self.total} images, {rate:.1f} img/s, {left if rate > 0 else '?'} left"
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.tty:
+            print("\r" + self.line(), end="", file=sys.stderr, flush=True)
+        elif now - self.last >= self.every:
+            print(self.line(), file=sys.stderr, flush=True)
+            self.last = now
+
+    def close(self) -> None:
+        if self.enabled:
+            print(("\r" if self.tty else "") + self.line(), file=sys.stderr, flush=True)
 
 
 def overlay(rgb: np.ndarray, prediction: Prediction) -> np.ndarray:
@@ -133,15 +234,28 @@ def output_name(path: Path, source: Path) -> str:
     return "__".join(relative.with_suffix("").parts) + ".png"
 
 
-def run(model_path: Path, source: Path, output: Path, device: str, precision: str, overwrite: bool) -> int:
+def run(
+    model_path: Path,
+    source: Path,
+    output: Path,
+    device: str = "CPU",
+    precision: str = "f32",
+    overwrite: bool = False,
+    mode: str = "async",
+    streams: int = 0,
+    threads: int = 0,
+    progress: bool = True,
+) -> int:
     """Predict every image; return the number of images that failed."""
     if output.exists() and any(output.iterdir()) and not overwrite:
         msg = f"{output}: folder exists and is not empty; choose another --output or pass --overwrite"
         raise InferenceError(msg)
-    model = EdgeModel(model_path, device, precision)
+    model = EdgeModel(model_path, device, precision, mode, streams, threads)
+    paths = list(iter_images(source))
     (output / "masks").mkdir(parents=True, exist_ok=True)
     (output / "overlays").mkdir(parents=True, exist_ok=True)
     failures = 0
+    meter = Progress(len(paths), progress)
     with (
         (output / "predictions.csv").open("w", newline="") as handle,
         (output / "errors.csv").open("w", newline="") as error_handle,
@@ -149,21 +263,31 @@ def run(model_path: Path, source: Path, output: Path, device: str, precision: st
         writer, error_writer = csv.writer(handle), csv.writer(error_handle)
         writer.writerow(["image", "score", "label"])
         error_writer.writerow(["image", "error"])
-        for path in iter_images(source):
-            try:
-                rgb = read_rgb(path)
-            except InferenceError as error:
-                failures += 1
-                error_writer.writerow([str(path), str(error)])
-                print(f"skipped: {error}", file=sys.stderr)
-                continue
-            prediction = model.predict(rgb)
+
+        def readable() -> Iterator[tuple[Path, np.ndarray]]:
+            nonlocal failures
+            for path in paths:
+                try:
+                    yield path, read_rgb(path)
+                except InferenceError as error:
+                    failures += 1
+                    error_writer.writerow([str(path), str(error)])
+                    print(f"skipped: {error}", file=sys.stderr)
+                    meter.update()
+
+        if mode == "async":
+            results = model.predict_all(readable())
+        else:
+            results = ((path, rgb, model.predict(rgb)) for path, rgb in readable())
+        for path, rgb, prediction in results:
             name = output_name(path, source)
             writer.writerow([str(path), f"{prediction.score:.6f}", int(prediction.label)])
             handle.flush()
             if prediction.mask is not None:
                 cv2.imwrite(str(output / "masks" / name), prediction.mask.astype(np.uint8) * 255)
             cv2.imwrite(str(output / "overlays" / name), overlay(rgb, prediction))
+            meter.update()
+    meter.close()
     return failures
 
 
@@ -179,10 +303,32 @@ def main(argv: list[str] | None = None) -> int:
         choices=["f32", "bf16", "f16"],
         help="CPU inference precision; f32 matches torch, bf16 is faster where the CPU has it",
     )
+    parser.add_argument(
+        "--mode",
+        default="async",
+        choices=["async", "sync"],
+        help="async: OpenVINO throughput mode, several images in flight (default); sync: one at a time",
+    )
+    parser.add_argument("--streams", type=int, default=0, help="CPU streams in async mode (0 = OpenVINO's choice)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads OpenVINO may use (0 = all cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     args = parser.parse_args(argv)
+    if args.streams < 0 or args.threads < 0:
+        parser.error("--streams and --threads must be >= 0")
     try:
-        failures = run(args.model, args.input, args.output, args.device, args.precision, args.overwrite)
+        failures = run(
+            args.model,
+            args.input,
+            args.output,
+            args.device,
+            args.precision,
+            args.overwrite,
+            args.mode,
+            args.streams,
+            args.threads,
+            not args.no_progress,
+        )
     except InferenceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/benchmarking: the one model builder
 
 
 class UsageError(ValueError):
@@ -140,21 +141,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from anomalib.data import MVTecAD
     from anomalib.engine import Engine
+    from benchmarking.cell import build_model
     from lightning.pytorch import seed_everything
 
-    from anomalib_ext.models import Reconstruction
-
     seed_everything(args.seed, workers=True)
-    try:
-        model = Reconstruction(
-            variant=args.model,
-            image_size=args.size,
-            latent_dim=args.latent_dim,
-            base_channels=args.base_channels,
-            num_downsamples=num_downsamples,
-            beta=args.beta,
-            learning_rate=args.learning_rate,
-        )
+    init_args = {
+        "variant": args.model,
+        "image_size": args.size,
+        "latent_dim": args.latent_dim,
+        "base_channels": args.base_channels,
+        "num_downsamples": num_downsamples,
+        "beta": args.beta,
+        "learning_rate": args.learning_rate,
+    }
+    try:  # the benchmark's builder: one way to build a model in tools/
+        model = build_model({"class_path": "anomalib_ext.models.Reconstruction", "init_args": init_args})
     except ValueError as error:
         raise UsageError(str(error)) from None
     datamodule = MVTecAD(

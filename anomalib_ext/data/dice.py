@@ -38,18 +38,12 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
+from anomalib_ext.models.components.class_folders import NORMAL_DIR, class_from_path
+
 from .duplicates import without_copies_of
-from .validation import check_dice_layout
+from .validation import IMAGE_SUFFIXES, check_dice_layout
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-NORMAL_DIR = "good"
 _SESSION = re.compile(r"(?<!\d)([0-3]\d_[01]\d_2\d)(?!\d)")  # dd_mm_yy, e.g. 16_09_21
-
-
-def class_from_path(image_path: str | Path) -> str | None:
-    """Class of a normal image stored at ``.../good/<class>/<name>``; ``None`` for a flat ``good/`` folder."""
-    path = Path(image_path)
-    return path.parent.name if path.parent.parent.name == NORMAL_DIR else None
 
 
 def session_from_path(image_path: str | Path) -> str:
@@ -156,6 +150,11 @@ class Dice(AnomalibDataModule):
         holdout_sessions: without ``test/``: acquisition dates whose normals form the test normals.
         holdout_fraction: share (per class, seeded) of those sessions' normals moved to test; 1.0 = a strict
             cross-session test, below 1 the rest of those sessions stays in train/validation.
+        val_sessions: acquisition dates whose training-pool normals provide the validation normals (a seeded,
+            class-stratified ``val_split_ratio`` share of those sessions' normals); empty = every session.
+            Validating on the sessions a plant will shift to puts the threshold where test normals will be.
+        max_train_per_class: keep at most this many training normals per class (seeded; ``None`` = all), to
+            bound the fit time of slow models. Applied after validation and test were taken out.
         val_split_mode: ``None`` picks ``from_dir`` when ``val/`` exists, else ``synthetic``.
         seed: seed of every random split.
         train_augmentations, val_augmentations, test_augmentations, augmentations: as in anomalib.
@@ -171,6 +170,8 @@ class Dice(AnomalibDataModule):
         test_split_ratio: float = 0.5,
         holdout_sessions: Sequence[str] = (),
         holdout_fraction: float = 1.0,
+        val_sessions: Sequence[str] = (),
+        max_train_per_class: int | None = None,
         val_split_mode: ValSplitMode | str | None = None,
         seed: int | None = 0,
         train_augmentations: Transform | None = None,
@@ -206,6 +207,15 @@ class Dice(AnomalibDataModule):
             msg = f"Dice: holdout_fraction must be in (0, 1], got {holdout_fraction}"
             raise ValueError(msg)
         self.holdout_fraction = holdout_fraction
+        for name, sessions in (("holdout_sessions", holdout_sessions), ("val_sessions", val_sessions)):
+            if isinstance(sessions, str) or not all(isinstance(s, str) and _SESSION.fullmatch(s) for s in sessions):
+                msg = f"Dice: {name} must be a list of dd_mm_yy dates like ['16_09_21'], got {sessions!r}"
+                raise ValueError(msg)
+        self.val_sessions = tuple(val_sessions)
+        if max_train_per_class is not None and (isinstance(max_train_per_class, bool) or max_train_per_class < 1):
+            msg = f"Dice: max_train_per_class must be a positive integer or None, got {max_train_per_class!r}"
+            raise ValueError(msg)
+        self.max_train_per_class = max_train_per_class
 
     @property
     def name(self) -> str:
@@ -252,10 +262,25 @@ class Dice(AnomalibDataModule):
             if val_anomalies.empty:
                 msg = f"Dice: val_split_mode 'from_dir' needs anomalies under '{self.root / 'val'}'"
                 raise ValueError(msg)
-            val_normal_index = _seeded_fraction(train, self.val_split_ratio, "class_name", self.seed)
+            pool = train[train.session.isin(self.val_sessions)] if self.val_sessions else train
+            if pool.empty:
+                msg = f"Dice: no training-pool normal of val_sessions {self.val_sessions} under '{self.root}'"
+                raise ValueError(msg)
+            val_normal_index = _seeded_fraction(pool, self.val_split_ratio, "class_name", self.seed)
             val = pd.concat([train.loc[val_normal_index], val_anomalies])
             train = train.drop(val_normal_index)
+        elif self.val_sessions:
+            msg = "Dice: val_sessions needs validation from the data (val/ anomalies, val_split_mode 'from_dir')"
+            raise ValueError(msg)
         train, val = _without_copies(train, val, test)
+        if self.max_train_per_class is not None:
+            rng = np.random.default_rng(self.seed)
+            keep = [
+                index
+                for _, group in train.groupby("class_name", sort=True)
+                for index in sorted(rng.permutation(group.index.to_numpy())[: self.max_train_per_class])
+            ]
+            train = train.loc[sorted(keep)]
         return {"train": train, "val": val, "test": test}
 
     def _setup(self, _stage: str | None = None) -> None:

@@ -20,8 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-WARMUP_CALLS = 2
-
 
 # ------------------------------------------------------------------------------------------------ building
 def import_class(class_path: str) -> type:
@@ -54,42 +52,80 @@ def instantiate(value: Any) -> Any:
     return value
 
 
-def build_model(model_spec: dict[str, Any], image_size: int | None):  # noqa: ANN201 (AnomalibModule)
-    """Instantiate the model; with ``image_size`` set, give it a pre-processor resizing to that size."""
+def build_model(model_spec: dict[str, Any], image_size: int | None = None, seed: int | None = None):  # noqa: ANN201
+    """The one model builder (benchmark, ``tools/train.py``, ``tools/demo.py``).
+
+    ``model_spec`` holds ``class_path`` and ``init_args`` (nested ``{class_path, init_args}`` are built too).
+    With ``image_size`` set the model gets a pre-processor resizing to that size; with ``seed`` set it reaches
+    the model's own ``seed`` argument (TemplateSsim's and TileOutlier's samplers) unless the spec sets one.
+    """
     import anomalib_ext  # noqa: F401  (registers our models with anomalib)
     from anomalib_ext.weights import ensure_pretrained
 
-    init_args = instantiate(dict(model_spec["init_args"]))
+    init_args = instantiate(dict(model_spec.get("init_args") or {}))
     backbone = init_args.get("backbone")
     if isinstance(backbone, str) and backbone.startswith("tf_efficientnet_lite"):
         ensure_pretrained(backbone)
     else:
         ensure_pretrained("tf_efficientnet_lite0")
     cls = import_class(model_spec["class_path"])
+    parameters = inspect.signature(cls.__init__).parameters
     if image_size and "pre_processor" not in init_args:
-        if "image_size" in inspect.signature(cls.__init__).parameters:
+        if "image_size" in parameters:
             init_args["image_size"] = (image_size, image_size)  # the model builds its own resize
         else:
             init_args["pre_processor"] = cls.configure_pre_processor(image_size=(image_size, image_size))
+    if seed is not None and "seed" in parameters and "seed" not in init_args:
+        init_args["seed"] = seed
     return cls(**init_args)
 
 
-def build_datamodule(dataset: dict[str, Any], seed: int, batch_size: int):  # noqa: ANN201 (AnomalibDataModule)
-    """A datamodule whose validation set never contains a test image (see docs/benchmark.md)."""
+# options a dice-layout --dataset may set: Dice's split arguments (the seed comes from --seed / --seeds)
+DICE_OPTIONS = (
+    "holdout_sessions",
+    "holdout_fraction",
+    "val_sessions",
+    "val_split_ratio",
+    "test_split_ratio",
+    "max_train_per_class",
+)
+# the benchmark's dice protocol unless the dataset options say otherwise (see docs/benchmark.md)
+DICE_DEFAULTS: dict[str, Any] = {"holdout_sessions": ["16_09_21", "17_11_21"], "holdout_fraction": 0.5}
+DATASET_OPTIONS = {"mvtec": ("image_size", "val_split_ratio"), "folder": ("image_size", "val_split_ratio")}
+DATASET_OPTIONS.update(dice=("image_size", *DICE_OPTIONS), split=("image_size",))
+
+
+def build_dice(path: Path, options: dict[str, Any], seed: int, **common: Any):  # noqa: ANN201
+    """``anomalib_ext.data.Dice`` with the benchmark's dice protocol (``DICE_DEFAULTS``) and the given options."""
+    from anomalib_ext.data import Dice
+
+    dice_options = {**DICE_DEFAULTS, **{key: value for key, value in options.items() if key in DICE_OPTIONS}}
+    return Dice(root=path, seed=seed, **dice_options, **common)
+
+
+def build_datamodule(dataset: dict[str, Any], seed: int, batch_size: int, val_split: str = "synthetic"):  # noqa: ANN201
+    """A datamodule whose validation set never contains a test image, unless ``val_split`` is ``same_as_test``.
+
+    ``synthetic``: MVTec/folder hold out ``val_split_ratio`` of the normals and turn half into synthetic
+    anomalies; dice uses ``Dice``'s own validation (normals + ``val/`` anomalies). ``same_as_test`` is anomalib's
+    MVTecAD default, where the thresholds are picked on the test images (not a fair F1; for comparisons only).
+    """
     from anomalib.data import Folder, MVTecAD
     from anomalib.data.utils import ValSplitMode
 
     path = Path(dataset["path"])
     options = dataset["options"]
-    common = {"train_batch_size": batch_size, "eval_batch_size": batch_size, "num_workers": 0, "seed": seed}
+    common = {"train_batch_size": batch_size, "eval_batch_size": batch_size, "num_workers": 0}
+    same_as_test = val_split == "same_as_test"
+    mode = ValSplitMode.SAME_AS_TEST if same_as_test else ValSplitMode.SYNTHETIC
     val_ratio = float(options.get("val_split_ratio", 0.2))
+    if dataset["kind"] == "dice":
+        return build_dice(
+            path, options, seed, val_split_mode=ValSplitMode.SAME_AS_TEST if same_as_test else None, **common
+        )
     if dataset["kind"] == "mvtec":
         return MVTecAD(
-            root=path.parent,
-            category=path.name,
-            val_split_mode=ValSplitMode.SYNTHETIC,
-            val_split_ratio=val_ratio,
-            **common,
+            root=path.parent, category=path.name, val_split_mode=mode, val_split_ratio=val_ratio, seed=seed, **common
         )
     if dataset["kind"] == "folder":
 
@@ -102,17 +138,18 @@ def build_datamodule(dataset: dict[str, Any], seed: int, batch_size: int):  # no
             normal_dir=first_dir(("good", "normal")),
             abnormal_dir=first_dir(("bad", "abnormal", "anomalous", "defect")),
             mask_dir=first_dir(("mask", "masks", "ground_truth")),
-            val_split_mode=ValSplitMode.SYNTHETIC,
+            val_split_mode=mode,
             val_split_ratio=val_ratio,
+            seed=seed,
             **common,
         )
     if dataset["kind"] == "split":
-        return make_split_datamodule(dataset["label"], path, common)
-    msg = f"dataset '{dataset['label']}': kind '{dataset['kind']}' has no datamodule (prepare it first)"
+        return make_split_datamodule(dataset["label"], path, {**common, "seed": seed}, same_as_test)
+    msg = f"dataset '{dataset['label']}': kind '{dataset['kind']}' has no datamodule"
     raise ValueError(msg)
 
 
-def make_split_datamodule(name: str, root: Path, common: dict[str, Any]):  # noqa: ANN201
+def make_split_datamodule(name: str, root: Path, common: dict[str, Any], same_as_test: bool = False):  # noqa: ANN201
     """Folder datamodule over explicit ``train/good``, ``val/{good,anomalous}``, ``test/{good,anomalous}``."""
     from anomalib.data import Folder
     from anomalib.data.datasets.image.folder import FolderDataset
@@ -142,19 +179,35 @@ def make_split_datamodule(name: str, root: Path, common: dict[str, Any]):  # noq
         root=root,
         normal_dir=root / "train" / "good",
         test_split_mode=TestSplitMode.FROM_DIR,
-        val_split_mode=ValSplitMode.FROM_DIR,
+        val_split_mode=ValSplitMode.SAME_AS_TEST if same_as_test else ValSplitMode.FROM_DIR,
         **common,
     )
 
 
+def setup_datamodule(datamodule, draw_seed: int, model_spec: dict[str, Any], dataset: dict[str, Any]) -> None:  # noqa: ANN001
+    """Set the datamodule up now (Engine.fit reuses it): synthetic anomalies are drawn from the global generators
+    seeded with ``draw_seed``; a study's training-set changes (augmented views, a train size) are applied here.
+    """
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from benchmarking.studies import augmentation, scaling
+
+    augmentation.apply_before_setup(datamodule, model_spec)
+    seed_everything(draw_seed, workers=True, verbose=False)
+    datamodule.setup(TrainerFn.FITTING)
+    augmentation.apply_after_setup(datamodule, model_spec)
+    scaling.apply_after_setup(datamodule, dataset)
+
+
 # ----------------------------------------------------------------------------------------------- measuring
-def _squeeze_map(tensor, like):  # noqa: ANN001, ANN202 (torch tensors)
-    """Bring an anomaly map or mask to (B, H, W) at the size of ``like``."""
+def squeeze_map(tensor, like):  # noqa: ANN001, ANN202 (torch tensors)
+    """Bring an anomaly map or mask to (B, H, W) at the size of ``like`` (``None``: keep its size)."""
     import torch.nn.functional as functional
 
     if tensor.dim() == 3:
         tensor = tensor[:, None]
-    if tensor.shape[-2:] != like.shape[-2:]:
+    if like is not None and tensor.shape[-2:] != like.shape[-2:]:
         tensor = functional.interpolate(tensor.float(), size=like.shape[-2:], mode="nearest")
     return tensor[:, 0]
 
@@ -195,8 +248,8 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
             if batch.gt_mask is not None and output.anomaly_map is not None and batch.gt_mask.any():
                 has_masks = True
             if batch.gt_mask is not None and output.anomaly_map is not None:
-                anomaly_map = _squeeze_map(output.anomaly_map, output.anomaly_map)
-                gt_mask = _squeeze_map(batch.gt_mask.int(), anomaly_map).bool()
+                anomaly_map = squeeze_map(output.anomaly_map, output.anomaly_map)
+                gt_mask = squeeze_map(batch.gt_mask.int(), anomaly_map).bool()
                 pixel_update = SimpleNamespace(anomaly_map=anomaly_map, gt_mask=gt_mask)
                 pixel_auroc.update(pixel_update)
                 pixel_pro.update(pixel_update)
@@ -237,78 +290,97 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
     return metrics, speed_images
 
 
-def torch_speed(model, images: list) -> tuple[float, list[float]]:  # noqa: ANN001
-    """Images per second of the full torch forward at batch size 1 (the deployment case), after warm-up."""
-    import torch
-
-    with torch.inference_mode():
-        for image in images[:WARMUP_CALLS]:
-            model(image[None])
-        scores = []
-        start = time.perf_counter()
-        for image in images:
-            scores.append(float(model(image[None]).pred_score.flatten()[0]))
-        elapsed = time.perf_counter() - start
-    return len(images) / elapsed, scores
-
-
-def openvino_speed(engine, model, images: list, export_root: Path, threads: int) -> dict[str, Any]:  # noqa: ANN001
-    """Export with anomalib, load with its OpenVINOInferencer, time it at batch size 1 on the same images.
-
-    Some graphs come out of the dynamo exporter with a static batch size (anomalib's Dfm: 2). Those get the
-    image repeated to fill the batch, and every image in the batch counts towards images/s.
-    """
-    import numpy as np
-    from anomalib.deploy import ExportType, OpenVINOInferencer
-
-    # opset 18: anomalib asks for 14, which this onnx cannot down-convert some ops (Pad) to
-    xml_path = Path(
-        engine.export(
-            model=model,
-            export_type=ExportType.OPENVINO,
-            export_root=export_root,
-            onnx_kwargs={"opset_version": 18},
-        )
-    )
-    size_bytes = sum(p.stat().st_size for p in xml_path.parent.glob("model.*") if p.suffix in (".xml", ".bin"))
-    inferencer = OpenVINOInferencer(path=xml_path, device="CPU", config={"INFERENCE_NUM_THREADS": threads})
-    batch_dimension = inferencer.model.input(0).get_partial_shape()[0]
-    batch = batch_dimension.get_length() if batch_dimension.is_static else 1
-    arrays = [np.repeat(image.numpy()[None], batch, axis=0) for image in images]
-    for array in arrays[:WARMUP_CALLS]:
-        inferencer.predict(array)
-    scores = []
-    start = time.perf_counter()
-    for array in arrays:
-        scores.append(float(inferencer.predict(array).pred_score.flatten()[0]))
-    elapsed = time.perf_counter() - start
-    return {
-        "openvino_images_per_s": len(arrays) * batch / elapsed,
-        "openvino_batch": batch,
-        "openvino_model_mb": size_bytes / 2**20,
-        "openvino_scores": scores,
-    }
-
-
 def peak_rss_mb() -> float:
     """Max resident set size of this cell process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------------------- running
+def _test_images(datamodule, count: int) -> list:  # noqa: ANN001
+    """The first ``count`` real test images (what ``--speed-only`` times without measuring accuracy)."""
+    images: list = []
+    for batch in datamodule.test_dataloader():
+        images.extend(batch.image[: count - len(images)])
+        if len(images) >= count:
+            break
+    return images
+
+
+def validation_draws(engine, model, spec: dict[str, Any], seed: int, draws: int, visual_dir: Path) -> dict[str, Any]:  # noqa: ANN001
+    """Threshold and test F1 on ``draws`` synthetic validation draws, same fitted model and same normal split.
+
+    Draw ``d`` seeds the global generators with ``seed + 1000 * d`` before anomalib makes the synthetic anomalies
+    (draw 0 is the one the model was fitted with); ``Engine.validate`` recomputes the PostProcessor's thresholds.
+    """
+    settings = spec["settings"]
+    thresholds, f1_scores = [], []
+    for draw in range(draws):
+        datamodule = build_datamodule(spec["dataset"], seed, settings["batch_size"], settings["val_split"])
+        setup_datamodule(datamodule, seed + 1000 * draw, spec["model"], spec["dataset"])
+        engine.validate(model=model, datamodule=datamodule, verbose=False)
+        metrics, _ = evaluate(model, datamodule, 0, visual_dir)
+        thresholds.append(metrics["image_threshold"])
+        f1_scores.append(metrics["image_f1"])
+    return {"image_threshold_draws": thresholds, "image_f1_draws": f1_scores}
+
+
+def openvino_stage(engine, model, datamodule, images: list, torch_scores: list, settings: dict, cell_dir: Path) -> dict:  # noqa: ANN001, PLR0913
+    """Export in every ``export_precisions`` (fp32 always first), time each export and the bare backbone trunk,
+    and score each export on the test set with OpenVINO itself.
+
+    The first precision's figures also go to the top level of the result (``openvino_images_per_s``, ...), as
+    before; ``openvino_exports`` holds one entry per precision (one row each in ``results.csv``).
+    """
+    from benchmarking import speed
+
+    threads = settings["threads"]
+    result: dict[str, Any] = {}
+    exports = []
+    for precision in settings.get("export_precisions") or ["fp32"]:
+        export_start = time.perf_counter()
+        xml_path = speed.export_openvino(engine, model, cell_dir / f"export_{precision}", precision, datamodule)
+        entry: dict[str, Any] = {"openvino_precision": precision}
+        if precision == "fp32":  # the trunk right before the f32 model: a ratio measured under the same load
+            entry.update(speed.trunk_speed(model, images, threads, cell_dir / "export_trunk"))
+        openvino = speed.openvino_speed(xml_path, images, threads)
+        openvino_scores = openvino.pop("openvino_scores")
+        entry.update(openvino)
+        entry["openvino_max_score_diff"] = max(abs(a - b) for a, b in zip(torch_scores, openvino_scores, strict=True))
+        if not settings.get("speed_only"):
+            entry.update(speed.openvino_accuracy(xml_path, datamodule, threads))
+        entry["export_and_openvino_seconds"] = time.perf_counter() - export_start
+        exports.append(entry)
+    first = exports[0]
+    backbone = {key: value for key, value in first.items() if key.startswith("backbone_")}
+    for entry in exports:
+        entry.update(backbone)
+        if first["openvino_images_per_s"]:
+            entry["openvino_speedup_vs_fp32"] = entry["openvino_images_per_s"] / first["openvino_images_per_s"]
+        if entry.get("backbone_img_per_s"):
+            entry["openvino_fraction_of_backbone"] = entry["openvino_images_per_s"] / entry["backbone_img_per_s"]
+    result.update(first)
+    result["openvino_exports"] = exports
+    return result
+
+
 def run_cell(spec_path: Path) -> int:
     """Run every stage of one cell; write ``partial.json`` after each and ``result.json`` at the end."""
     spec = json.loads(spec_path.read_text())
     cell_dir = Path(spec["cell_dir"])
     settings = spec["settings"]
-    result: dict[str, Any] = {"dataset": spec["dataset"]["label"], "model": spec["model"]["label"]}
+    seed = int(spec.get("seed", settings["seed"]))
+    result: dict[str, Any] = {"dataset": spec["dataset"]["label"], "model": spec["model"]["label"], "seed": seed}
 
     def save(name: str) -> None:
         result["peak_rss_mb"] = peak_rss_mb()
         (cell_dir / name).write_text(json.dumps(result, indent=2))
 
+    def stage(name: str) -> None:
+        result["stage"] = name
+        save("partial.json")  # every stage is saved as it starts, so a time-out names the right one
+
     started = time.perf_counter()
-    result["load_average_1min"] = os.getloadavg()[0]  # speeds below are only comparable at similar load
+    result["load_average_1min"] = os.getloadavg()[0]  # at the start of the cell; each speed has its own
     try:
         import anomalib.models  # noqa: F401  (import cost belongs to the baseline, not the model)
         import torch
@@ -316,34 +388,35 @@ def run_cell(spec_path: Path) -> int:
         from lightning.pytorch import seed_everything
 
         import anomalib_ext  # noqa: F401  (registers our models)
+        from benchmarking import speed
+        from benchmarking.studies import sessions
 
         result["baseline_rss_mb"] = peak_rss_mb()  # python + torch + anomalib imported, no model or data yet
-        seed_everything(settings["seed"], workers=True)
         torch.set_num_threads(settings["threads"])
-        result["torch_threads"] = torch.get_num_threads()
-        model = build_model(spec["model"], spec["dataset"]["options"].get("image_size", settings["image_size"]))
-        datamodule = build_datamodule(spec["dataset"], settings["seed"], settings["batch_size"])
+        seed_everything(seed, workers=True)
+        image_size = spec["dataset"]["options"].get("image_size", settings["image_size"])
+        model = build_model(spec["model"], image_size, seed)
+        datamodule = build_datamodule(spec["dataset"], seed, settings["batch_size"], settings["val_split"])
+        setup_datamodule(datamodule, seed, spec["model"], spec["dataset"])
         # --max-epochs bounds every model: a config asking for more epochs is capped to it
         config_epochs = spec["model"].get("trainer", {}).get("max_epochs", settings["max_epochs"])
-        trainer_args = {"max_epochs": min(config_epochs, settings["max_epochs"])}
-        result["max_epochs"] = trainer_args["max_epochs"]
+        result["max_epochs"] = min(config_epochs, settings["max_epochs"])
         engine = Engine(
             default_root_dir=cell_dir / "engine",
             logger=False,
             accelerator="cpu",
             devices=1,
             enable_progress_bar=False,
-            **trainer_args,
+            max_epochs=result["max_epochs"],
         )
         result["setup_seconds"] = time.perf_counter() - started
-        result["stage"] = "fit"
-        save("partial.json")  # every stage is saved as it starts, so a time-out names the right one
+        stage("fit")
         fit_start, fit_cpu_start = time.perf_counter(), time.process_time()
         engine.fit(model=model, datamodule=datamodule)
         result["fit_seconds"] = time.perf_counter() - fit_start
         # CPU seconds of every thread of the cell: the load-independent measure of fit cost on a shared machine
         result["fit_cpu_seconds"] = time.process_time() - fit_cpu_start
-        result["fit_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["fit_peak_rss_mb"] = peak_rss_mb()
         threshold = getattr(model.post_processor, "image_threshold", None)
         if threshold is not None and bool(torch.isnan(torch.as_tensor(threshold))):
             # validation never ran during fit (e.g. check_val_every_n_epoch > epochs): set the thresholds now
@@ -351,33 +424,39 @@ def run_cell(spec_path: Path) -> int:
             result["validated_after_fit"] = True
         result["n_train"] = len(datamodule.train_data)
         result["n_val"] = len(datamodule.val_data)
+        result["val_split"] = settings["val_split"]
         save("partial.json")
 
-        result["stage"] = "test"
-        save("partial.json")
-        test_start = time.perf_counter()
-        metrics, speed_images = evaluate(model, datamodule, settings["n_visuals"], cell_dir / "visuals")
-        result.update(metrics)
-        speed_images = speed_images[: settings["speed_images"]]
-        result["test_seconds"] = time.perf_counter() - test_start
-        save("partial.json")
+        if settings.get("speed_only"):
+            speed_images = _test_images(datamodule, settings["speed_images"])
+        else:
+            stage("test")
+            test_start = time.perf_counter()
+            metrics, speed_images = evaluate(model, datamodule, settings["n_visuals"], cell_dir / "visuals")
+            result.update(metrics)
+            speed_images = speed_images[: settings["speed_images"]]
+            result["test_seconds"] = time.perf_counter() - test_start
+            save("partial.json")
+            if settings.get("study") == "sessions":
+                stage("sessions study")
+                result["sessions"] = sessions.validation_scores_by_session(model, datamodule)
+                save("partial.json")
 
-        result["stage"] = "torch speed"
-        save("partial.json")
-        result["torch_images_per_s"], torch_scores = torch_speed(model, speed_images)
+        stage("torch speed")
+        torch_result = speed.torch_speed(model, speed_images, settings["threads"])
+        torch_scores = torch_result.pop("torch_scores")
+        result.update(torch_result)
         save("partial.json")
 
         if settings["openvino"]:
-            result["stage"] = "openvino"
+            stage("openvino")
+            result.update(openvino_stage(engine, model, datamodule, speed_images, torch_scores, settings, cell_dir))
             save("partial.json")
-            export_start = time.perf_counter()
-            openvino = openvino_speed(engine, model, speed_images, cell_dir / "export", settings["threads"])
-            openvino_scores = openvino.pop("openvino_scores")
-            result.update(openvino)
-            result["export_and_openvino_seconds"] = time.perf_counter() - export_start
-            result["openvino_max_score_diff"] = max(
-                abs(a - b) for a, b in zip(torch_scores, openvino_scores, strict=True)
-            )
+
+        draws = settings.get("val_draws", 1)
+        if draws > 1 and not settings.get("speed_only") and datamodule.val_split_mode == "synthetic":
+            stage("validation draws")  # last: it leaves the model with the last draw's thresholds
+            result.update(validation_draws(engine, model, spec, seed, draws, cell_dir / "visuals"))
         result["stage"] = "done"
         result["status"] = "ok"
         result["cell_seconds"] = time.perf_counter() - started

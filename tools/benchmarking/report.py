@@ -9,12 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 COLUMNS = (
     "dataset",
     "model",
+    "seed",
     "status",
     "image_auroc",
     "image_f1",
@@ -22,11 +24,20 @@ COLUMNS = (
     "pixel_pro",
     "image_auroc_png",
     "image_f1_png",
+    "image_f1_draws",
+    "image_threshold_draws",
     "fit_seconds",
     "fit_cpu_seconds",
     "fit_peak_rss_mb",
     "torch_images_per_s",
+    "openvino_precision",
     "openvino_images_per_s",
+    "backbone_img_per_s",
+    "openvino_fraction_of_backbone",
+    "openvino_speedup_vs_fp32",
+    "openvino_image_auroc",
+    "openvino_pixel_auroc",
+    "backbone_layer",
     "peak_rss_mb",
     "baseline_rss_mb",
     "openvino_model_mb",
@@ -43,7 +54,13 @@ COLUMNS = (
     "export_and_openvino_seconds",
     "cell_seconds",
     "torch_threads",
+    "torch_load_average_1min",
+    "openvino_threads",
+    "openvino_load_average_1min",
+    "backbone_load_average_1min",
+    "openvino_inference_precision",
     "load_average_1min",
+    "val_split",
     "error",
 )
 MARKDOWN_COLUMNS = (
@@ -59,21 +76,106 @@ MARKDOWN_COLUMNS = (
     ("peak_rss_mb", "peak RSS MB", 0),
     ("openvino_model_mb", "OpenVINO MB", 1),
 )
+# summarised across seeds (mean, std, min, max) in results.md and results_summary.csv
+SUMMARY_METRICS = (
+    ("image_auroc", "image AUROC", 3),
+    ("image_f1", "image F1", 3),
+    ("pixel_auroc", "pixel AUROC", 3),
+    ("pixel_pro", "PRO", 3),
+    ("fit_seconds", "fit s", 1),
+    ("torch_images_per_s", "torch img/s", 1),
+    ("openvino_images_per_s", "OpenVINO img/s", 1),
+)
 ACCURACY_METRICS = (("image_auroc", "image AUROC"), ("image_f1", "image F1"), ("pixel_auroc", "pixel AUROC"))
+# the per-precision OpenVINO table (``--export-precision``): one row per cell and export
+EXPORT_COLUMNS = (
+    ("openvino_precision", "export", None),
+    ("openvino_images_per_s", "OpenVINO img/s", 1),
+    ("openvino_speedup_vs_fp32", "x fp32", 2),
+    ("backbone_img_per_s", "backbone trunk img/s", 1),
+    ("openvino_fraction_of_backbone", "fraction of trunk", 2),
+    ("openvino_image_auroc", "OpenVINO image AUROC", 3),
+    ("openvino_pixel_auroc", "OpenVINO pixel AUROC", 3),
+    ("image_auroc", "torch image AUROC", 3),
+    ("openvino_load_average_1min", "load (1 min)", 1),
+)
 
 
 def load_results(cells_dir: Path, order: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every finished or failed cell: those named in ``order`` first, in that order, then any others."""
-    paths = sorted(cells_dir.glob("*/result.json"))
+    """Every finished or failed run (``cells/<cell>/seed<k>/result.json``): those named in ``order``
+    (``<cell>/seed<k>``) first, in that order, then any others.
+    """
+    paths = sorted(cells_dir.glob("*/seed*/result.json"))
     rank = {name: index for index, name in enumerate(order or [])}
-    paths.sort(key=lambda path: (rank.get(path.parent.name, len(rank)), path.parent.name))
+
+    def run_name(path: Path) -> str:
+        return f"{path.parent.parent.name}/{path.parent.name}"
+
+    paths.sort(key=lambda path: (rank.get(run_name(path), len(rank)), run_name(path)))
     rows = []
     for path in paths:
         try:
             rows.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as error:
-            rows.append({"dataset": "?", "model": path.parent.name, "status": "error", "error": str(error)})
+            rows.append({"dataset": "?", "model": run_name(path), "status": "error", "error": str(error)})
     return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (dataset, model): runs, ok runs, and mean / std / min / max of every ``SUMMARY_METRICS`` over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["model"]), []).append(row)
+    summary = []
+    for (dataset, model), members in groups.items():
+        ok = [row for row in members if row.get("status") == "ok"]
+        entry: dict[str, Any] = {"dataset": dataset, "model": model, "runs": len(members), "ok_runs": len(ok)}
+        entry["seeds"] = " ".join(str(row.get("seed", "")) for row in members)
+        for key, _, _ in SUMMARY_METRICS:
+            values = [number for row in ok if (number := _number(row.get(key))) is not None]
+            if values:
+                entry[f"{key}_mean"] = statistics.fmean(values)
+                entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                entry[f"{key}_min"], entry[f"{key}_max"] = min(values), max(values)
+        summary.append(entry)
+    return summary
+
+
+def write_summary_csv(summary: list[dict[str, Any]], path: Path) -> None:
+    stats = [f"{key}_{stat}" for key, _, _ in SUMMARY_METRICS for stat in ("mean", "std", "min", "max")]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["dataset", "model", "runs", "ok_runs", "seeds", *stats])
+        writer.writeheader()
+        writer.writerows({key: entry.get(key, "") for key in writer.fieldnames} for entry in summary)
+
+
+def summary_table(summary: list[dict[str, Any]]) -> list[str]:
+    """Markdown: mean ± std (min–max) over seeds, per (dataset, model)."""
+    lines = ["## Across seeds: mean ± std (min–max)", ""]
+    lines.append("| dataset | model | runs ok | " + " | ".join(title for _, title, _ in SUMMARY_METRICS) + " |")
+    lines.append("|---|---|---:|" + "---:|" * len(SUMMARY_METRICS))
+    for entry in summary:
+        cells = []
+        for key, _, digits in SUMMARY_METRICS:
+            if f"{key}_mean" not in entry:
+                cells.append("–")
+                continue
+            mean, std = entry[f"{key}_mean"], entry[f"{key}_std"]
+            low, high = entry[f"{key}_min"], entry[f"{key}_max"]
+            cells.append(f"{mean:.{digits}f} ± {std:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})")
+        lines.append(
+            f"| {entry['dataset']} | {entry['model']} | {entry['ok_runs']}/{entry['runs']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def _draws(row: dict[str, Any]) -> str:
+    draws = [value for value in row.get("image_f1_draws") or [] if value is not None]
+    if not draws:
+        return "–"
+    return f"{statistics.fmean(draws):.3f} [{min(draws):.3f}, {max(draws):.3f}] ({len(draws)})"
 
 
 def _number(value: Any) -> float | None:
@@ -87,17 +189,75 @@ def _format(value: Any, digits: int | None) -> str:
     return f"{number:.{digits}f}"
 
 
+def export_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run and OpenVINO export precision (``openvino_exports``); runs without exports stay one row.
+
+    Results from before ``--export-precision`` kept the inference precision hint (``f32``) in
+    ``openvino_precision``: they are fp32 exports.
+    """
+    expanded = []
+    for row in rows:
+        exports = row.get("openvino_exports") or []
+        if not exports:
+            if row.get("openvino_precision") in ("f32", "bf16", "f16"):
+                row = {**row, "openvino_inference_precision": row["openvino_precision"], "openvino_precision": "fp32"}
+            expanded.append(row)
+            continue
+        expanded.extend({**row, **entry} for entry in exports)
+    return expanded
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        for row in rows:
-            writer.writerow({key: row.get(key, "") if row.get(key) is not None else "" for key in COLUMNS})
+        for row in export_rows(rows):
+            writer.writerow({key: _csv_value(row.get(key)) for key in COLUMNS})
 
 
-def markdown_tables(rows: list[dict[str, Any]], header_lines: list[str]) -> str:
-    """One table per dataset; failed cells show their status and error instead of numbers."""
+def export_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per dataset, model and export precision, OpenVINO speed beside the backbone trunk and the
+    exported model's own AUROC (only when some run has ``openvino_exports``)."""
+    exported = [row for row in export_rows(rows) if row.get("openvino_exports")]
+    if not exported:
+        return []
+    lines = [
+        "## OpenVINO exports: speed beside the backbone trunk, accuracy of the exported model",
+        "",
+        "Batch 1, f32 inference precision, the run's threads; the trunk (the model's timm backbone, features only, "
+        "up to its deepest layer) is timed just before the fp32 model, so their ratio is measured under one load. "
+        "AUROCs are computed from the exported model's own outputs on every test image.",
+        "",
+        "| dataset | model | " + " | ".join(title for _, title, _ in EXPORT_COLUMNS) + " |",
+        "|---|---|" + "---:|" * len(EXPORT_COLUMNS),
+    ]
+    for row in exported:
+        cells = [_format(row.get(key), digits) for key, _, digits in EXPORT_COLUMNS]
+        lines.append(f"| {row['dataset']} | {row['model']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return json.dumps(value)
+    return value
+
+
+def markdown_tables(rows: list[dict[str, Any]], header_lines: list[str], extra: list[str] | None = None) -> str:
+    """One table per dataset (one row per run; ``(seed k)`` when a model ran with several seeds), then the
+    across-seed summary when there is one, then ``extra`` (a study's section). Failed runs show their status
+    and error instead of numbers.
+    """
     lines = [*header_lines, ""]
+    with_draws = any(row.get("image_f1_draws") for row in rows)
+    columns = [*MARKDOWN_COLUMNS]
+    if with_draws:
+        columns.insert(3, ("image_f1_draws", "F1 mean [min, max] over val draws", None))
+    seeds_per_model: dict[tuple[str, str], int] = {}
+    for row in rows:
+        seeds_per_model[(row["dataset"], row["model"])] = seeds_per_model.get((row["dataset"], row["model"]), 0) + 1
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         dataset_rows = [row for row in rows if row["dataset"] == dataset]
         first = next((row for row in dataset_rows if row.get("n_test")), {})
@@ -108,15 +268,23 @@ def markdown_tables(rows: list[dict[str, Any]], header_lines: list[str]) -> str:
                 f"test {first.get('n_test')} of which {first.get('n_test_anomalous')} anomalous)"
             )
         lines += [f"### {dataset}{counts}", ""]
-        lines.append("| " + " | ".join(title for _, title, _ in MARKDOWN_COLUMNS) + " |")
-        lines.append("|" + "|".join("---" if key == "model" else "---:" for key, _, _ in MARKDOWN_COLUMNS) + "|")
+        lines.append("| " + " | ".join(title for _, title, _ in columns) + " |")
+        lines.append("|" + "|".join("---" if key == "model" else "---:" for key, _, _ in columns) + "|")
         for row in dataset_rows:
-            cells = [_format(row.get(key), digits) for key, _, digits in MARKDOWN_COLUMNS]
+            cells = [
+                _draws(row) if key == "image_f1_draws" else _format(row.get(key), digits) for key, _, digits in columns
+            ]
+            if seeds_per_model[(row["dataset"], row["model"])] > 1:
+                cells[0] = f"{row['model']} (seed {row.get('seed')})"
             if row.get("status") != "ok":
                 error = str(row.get("error", "")).splitlines()[0][:160].replace("|", "/")
-                cells[0] = f"{row['model']} (**{row.get('status')}**: {error})"
+                cells[0] = f"{cells[0]} (**{row.get('status')}**: {error})"
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if any(count > 1 for count in seeds_per_model.values()):
+        lines += summary_table(summarise(rows))
+    lines += export_table(rows)
+    lines += extra or []
     return "\n".join(lines)
 
 
@@ -185,11 +353,16 @@ def write_plots(rows: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     return written
 
 
-def write_reports(out_dir: Path, header_lines: list[str], order: list[str] | None = None) -> list[dict[str, Any]]:
-    """Rewrite ``results.csv``, ``results.md`` and ``plots/`` from every cell's ``result.json``."""
+def write_reports(
+    out_dir: Path, header_lines: list[str], order: list[str] | None = None, extra: Any = None
+) -> list[dict[str, Any]]:
+    """Rewrite ``results.csv`` (one row per run), ``results_summary.csv`` (per dataset and model, over seeds),
+    ``results.md`` and ``plots/`` from every run's ``result.json``; ``extra(rows)`` adds Markdown lines.
+    """
     rows = load_results(out_dir / "cells", order)
     write_csv(rows, out_dir / "results.csv")
-    (out_dir / "results.md").write_text(markdown_tables(rows, header_lines))
+    write_summary_csv(summarise(rows), out_dir / "results_summary.csv")
+    (out_dir / "results.md").write_text(markdown_tables(rows, header_lines, extra(rows) if extra else None))
     if rows:
         write_plots(rows, out_dir / "plots")
     return rows

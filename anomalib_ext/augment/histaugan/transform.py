@@ -18,9 +18,13 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
-from torchvision.transforms.v2._utils import is_pure_tensor
 
 from .checkpoint import load_generator
+
+
+def is_pure_tensor(item: Any) -> bool:  # noqa: ANN401
+    """A plain tensor, not a ``tv_tensors`` subclass (a mask or box must not be restyled)."""
+    return isinstance(item, torch.Tensor) and not isinstance(item, tv_tensors.TVTensor)
 
 
 class HistAuGANAugment(Transform):

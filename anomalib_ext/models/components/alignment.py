@@ -135,16 +135,17 @@ class NccPoseSearch(nn.Module):
             msg = f"references of {height}x{width} px are too small for max_shift={self.max_shift}"
             raise ValueError(msg)
         self.fine_kernels = _zero_mean_unit_norm(_crop(rotated, self.max_shift, self.max_shift))
-        coarse = self._downsample(rotated)
+        coarse = self.downsample(rotated)
         self.coarse_kernels = _zero_mean_unit_norm(_crop(coarse, self.coarse_margin, self.coarse_margin))
 
-    def _downsample(self, images: torch.Tensor) -> torch.Tensor:
+    def downsample(self, images: torch.Tensor) -> torch.Tensor:
+        """Images at the coarse pass's resolution (average pooling by ``coarse_factor``)."""
         if self.coarse_factor == 1:
             return images
         return F.avg_pool2d(images, self.coarse_factor)
 
     @staticmethod
-    def _window_norms(images: torch.Tensor, kernel_h: int, kernel_w: int) -> torch.Tensor:
+    def window_norms(images: torch.Tensor, kernel_h: int, kernel_w: int) -> torch.Tensor:
         """Norm of each zero-meaned (kernel_h, kernel_w) window of (N, 1, H, W) images, stride 1."""
         mean = F.avg_pool2d(images, (kernel_h, kernel_w), stride=1)
         mean_square = F.avg_pool2d(images * images, (kernel_h, kernel_w), stride=1)
@@ -158,9 +159,9 @@ class NccPoseSearch(nn.Module):
         angle_count = self.num_angles
 
         # 1) exhaustive coarse pass over every (reference, angle, shift)
-        coarse = self._downsample(gray)
+        coarse = self.downsample(gray)
         kernel_h, kernel_w = self.coarse_kernels.shape[-2:]
-        correlation = F.conv2d(coarse, self.coarse_kernels) / self._window_norms(coarse, kernel_h, kernel_w)
+        correlation = F.conv2d(coarse, self.coarse_kernels) / self.window_norms(coarse, kernel_h, kernel_w)
         span_y, span_x = correlation.shape[-2:]
         best = correlation.flatten(1).argmax(dim=1)  # (N,)
         candidate = torch.div(best, span_y * span_x, rounding_mode="floor")

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .sizes import as_pair
-from .ssim import gaussian_window, ssim_map
+from .base import as_pair
+from .filters import SSIMMap
 
 
 class AutoencoderOutput(NamedTuple):
@@ -167,12 +167,7 @@ class ReconstructionLoss(nn.Module):
     """
 
     def __init__(
-        self,
-        l2_weight: float = 1.0,
-        ssim_weight: float = 1.0,
-        beta: float = 1e-3,
-        ssim_window_size: int = 11,
-        ssim_sigma: float = 1.5,
+        self, *, l2_weight: float, ssim_weight: float, beta: float, ssim_window_size: int, ssim_sigma: float
     ) -> None:
         super().__init__()
         for name, value in (("l2_weight", l2_weight), ("ssim_weight", ssim_weight), ("beta", beta)):
@@ -185,12 +180,12 @@ class ReconstructionLoss(nn.Module):
         self.l2_weight = l2_weight
         self.ssim_weight = ssim_weight
         self.beta = beta
-        self.register_buffer("window", gaussian_window(ssim_window_size, ssim_sigma), persistent=False)
+        self.ssim = SSIMMap(ssim_window_size, ssim_sigma)
 
     def forward(self, images: torch.Tensor, output: AutoencoderOutput) -> dict[str, torch.Tensor]:
         """Loss terms for ``images`` and the autoencoder's ``output``; key ``"loss"`` is the total."""
         l2 = torch.mean((output.reconstruction - images) ** 2)
-        ssim = 1 - ssim_map(output.reconstruction, images, self.window).mean()
+        ssim = 1 - self.ssim(output.reconstruction, images).mean()
         total = self.l2_weight * l2 + self.ssim_weight * ssim
         terms = {"l2": l2.detach(), "ssim": ssim.detach()}
         if output.mu is not None and output.logvar is not None:

@@ -1,16 +1,35 @@
-"""Pretrained timm backbones that load offline, shared by every model that embeds images."""
+"""Pretrained timm backbones that load offline, their layer defaults and their input normalisation.
+
+Input normalisation: a pretrained backbone expects its inputs standardised with the mean and standard deviation
+it was trained with, which timm records in the model's ``pretrained_cfg`` (``tf_efficientnet_lite0``: mean =
+std = 0.5, not ImageNet's). ``InputNormalizer`` applies them to raw [0, 1] images inside the torch model, so
+the pre-processor only resizes, the exported graph contains the normalisation, and training-time image
+changes (synthetic defects, augmentations, fastdup's raw tiles) all work on plain images.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
+import timm
 import torch
 from anomalib.models.components import TimmFeatureExtractor
+from torch import nn
 
 from anomalib_ext.weights import DEFAULT_ARCHITECTURE, ensure_pretrained
 
 DEFAULT_BACKBONE = DEFAULT_ARCHITECTURE
+# feature maps compared position by position (tiles, teacher-student): /4, /8, /16 of the input
 DEFAULT_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
+# globally pooled image descriptors (Dfkdm): deeper, more semantic layers, /8 to /32
+DEFAULT_POOLED_LAYERS = ("blocks.2", "blocks.4", "blocks.6")
+
+InputNormalization = Literal["backbone", "imagenet"]
+INPUT_NORMALIZATIONS: tuple[str, ...] = ("backbone", "imagenet")
+# the "imagenet" option: the statistics anomalib's default pre-processor uses
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_feature_extractor(
@@ -31,13 +50,40 @@ def build_feature_extractor(
     return extractor if requires_grad else extractor.eval()
 
 
-def feature_channels(extractor: TimmFeatureExtractor) -> list[int]:
-    """Channels of each selected layer, in the order the extractor returns them."""
-    return list(extractor.out_dims)
+def backbone_mean_std(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std of ``backbone``'s pretrained weights, from timm's ``pretrained_cfg`` (offline)."""
+    config = timm.models.get_pretrained_cfg(backbone)
+    if config is not None:
+        return tuple(config.mean), tuple(config.std)
+    model_config = timm.create_model(backbone, pretrained=False).pretrained_cfg  # no download either
+    return tuple(model_config.get("mean", IMAGENET_MEAN)), tuple(model_config.get("std", IMAGENET_STD))
 
 
-def imagenet_normalize(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet mean/std normalisation for models that receive raw [0, 1] images."""
-    mean = images.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = images.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (images - mean) / std
+def normalization_stats(backbone: str, mode: InputNormalization) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for ``mode``: ``backbone`` = the backbone's own statistics, ``imagenet`` = ImageNet's."""
+    if mode not in INPUT_NORMALIZATIONS:
+        msg = f"input_normalization must be one of {INPUT_NORMALIZATIONS}, got {mode!r}"
+        raise ValueError(msg)
+    return backbone_mean_std(backbone) if mode == "backbone" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+class InputNormalizer(nn.Module):
+    """``(images - mean) / std`` per channel for raw [0, 1] images, with the statistics as buffers (exportable).
+
+    Build it with ``InputNormalizer.for_backbone(backbone, mode)``.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    @classmethod
+    def for_backbone(cls, backbone: str, mode: InputNormalization = "backbone") -> InputNormalizer:
+        return cls(*normalization_stats(backbone, mode))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"

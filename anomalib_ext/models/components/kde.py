@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
 
+from .stats import robust_center_scale
+
 ScalingMethod = Literal["none", "scale", "standardize", "norm"]
 BandwidthRule = Literal["scott", "silverman", "loo"]
 DensityKind = Literal["kde", "gaussian"]
@@ -430,10 +432,9 @@ class FeatureDensity(DynamicBufferMixin):
             normal_scores = -self.estimator(projected)
         if self.residual:
             normal_scores = normal_scores - self.pca.residual_log_density(scaled, projected)
-        center = normal_scores.median()
-        spread = (normal_scores - center).abs().median() * 1.4826  # robust standard deviation
+        center, spread = robust_center_scale(normal_scores, min_scale=1e-3)  # median, 1.4826 MAD
         self.score_center = center.detach()
-        self.score_scale = spread.clamp_min(1e-3).detach()
+        self.score_scale = spread.detach()
         return int(features.shape[0])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -21,25 +21,35 @@ from typing import Any
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import AUROC, Evaluator, F1Score
+from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+from torchvision.transforms.v2 import InterpolationMode
 
-from anomalib_ext.models.components import DEFAULT_BACKBONE, ExportDefaultsMixin, InterruptStatusMixin
-from anomalib_ext.models.components.autoencoder import ReconstructionLoss
+from anomalib_ext.models.components import (
+    DEFAULT_BACKBONE,
+    DEFAULT_POOLED_LAYERS,
+    ExtModelMixin,
+    ImageSize,
+    InputNormalization,
+    ReconstructionLoss,
+    as_pair,
+    image_metrics_evaluator,
+)
 from anomalib_ext.models.components.kde import BandwidthRule, DensityKind, ScalingMethod
-from anomalib_ext.models.components.sizes import as_pair
 
 from .torch_model import DfkdmModel, FeatureSource
 
 logger = logging.getLogger(__name__)
 
+# the default of ``input_normalization`` (one place to flip it)
+INPUT_NORMALIZATION: InputNormalization = "backbone"
 
-class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
+
+class Dfkdm(ExtModelMixin, AnomalibModule):
     """Deep-feature kernel density model.
 
     Args:
@@ -47,8 +57,13 @@ class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
             latent code + reconstruction errors; anomaly map = reconstruction residual).
         backbone: timm architecture with offline weights (``tf_efficientnet_lite0/1/2``).
         layers: backbone layers whose pooled activations are concatenated.
+        input_normalization: how the torch model standardises the [0, 1] images for the backbone: ``backbone``
+            (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``) or ``imagenet``.
         pre_trained: load the pretrained backbone weights.
-        image_size: input size after the default pre-processor (and the autoencoder's size).
+        image_size: input size after the default pre-processor (and the autoencoder's size). The default
+            pre-processor only resizes: antialiased for the backbone, nearest neighbour for the autoencoder (keeps
+            thin defects sharp); the autoencoder sees raw [0, 1] images (its output is a sigmoid, and mean/std
+            normalisation of near-constant images blows noise up, DfKDM tips).
         in_channels, latent_dim, base_channels, num_downsamples, variational: the autoencoder.
         learning_rate, weight_decay: Adam settings for the autoencoder.
         l2_weight, ssim_weight, beta: reconstruction loss weights (``beta`` for the VAE's KL term).
@@ -70,9 +85,10 @@ class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         self,
         feature_source: FeatureSource = "backbone",
         backbone: str = DEFAULT_BACKBONE,
-        layers: Sequence[str] = ("blocks.2", "blocks.4", "blocks.6"),
+        layers: Sequence[str] = DEFAULT_POOLED_LAYERS,
+        input_normalization: InputNormalization = INPUT_NORMALIZATION,
         pre_trained: bool = True,
-        image_size: int | Sequence[int] = 256,
+        image_size: ImageSize = 256,
         in_channels: int = 3,
         latent_dim: int = 32,
         base_channels: int = 32,
@@ -96,10 +112,10 @@ class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        size = as_pair(image_size)
-        if pre_processor is True:
-            pre_processor = self.default_pre_processor(feature_source, size)
+        if pre_processor is True and feature_source == "autoencoder":
+            pre_processor = self.configure_pre_processor(image_size, InterpolationMode.NEAREST)
         super().__init__(
+            image_size=image_size,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
@@ -112,8 +128,9 @@ class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
             feature_source=feature_source,
             backbone=backbone,
             layers=layers,
+            input_normalization=input_normalization,
             pre_trained=pre_trained,
-            image_size=size,
+            image_size=as_pair(image_size),
             in_channels=in_channels,
             latent_dim=latent_dim,
             base_channels=base_channels,
@@ -129,7 +146,9 @@ class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
             map_sigma=map_sigma,
         )
         self.loss = (
-            ReconstructionLoss(l2_weight=l2_weight, ssim_weight=ssim_weight, beta=beta)
+            ReconstructionLoss(
+                l2_weight=l2_weight, ssim_weight=ssim_weight, beta=beta, ssim_window_size=11, ssim_sigma=1.5
+            )
             if feature_source == "autoencoder"
             else None
         )
@@ -140,35 +159,9 @@ class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
 
     # ------------------------------------------------------------------------------------------ components
     @staticmethod
-    def default_pre_processor(feature_source: FeatureSource, image_size: tuple[int, int]) -> PreProcessor:
-        """Resize (+ ImageNet normalisation for the backbone only).
-
-        The autoencoder sees raw [0, 1] images: its output is a sigmoid, and mean/std normalisation of near-
-        constant images blows noise up (DfKDM tips). Nearest-neighbour resizing keeps thin defects sharp.
-        """
-        if feature_source == "autoencoder":
-            return PreProcessor(transform=Compose([Resize(image_size, interpolation=InterpolationMode.NEAREST)]))
-        return PreProcessor(
-            transform=Compose(
-                [
-                    Resize(image_size, antialias=True),
-                    Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-                ]
-            )
-        )
-
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Default for the backbone source; the autoencoder source picks its own in ``__init__``."""
-        return cls.default_pre_processor("backbone", image_size or (256, 256))
-
-    @staticmethod
     def configure_evaluator() -> Evaluator:
         """Image AUROC and F1 (plus pixel AUROC when there is a map, i.e. autoencoder mode)."""
-        image_auroc = AUROC(fields=["pred_score", "gt_label"], prefix="image_")
-        image_f1 = F1Score(fields=["pred_label", "gt_label"], prefix="image_")
-        pixel_auroc = AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False)
-        return Evaluator(test_metrics=[image_auroc, image_f1, pixel_auroc])
+        return image_metrics_evaluator()
 
     # ------------------------------------------------------------------------------------------- training
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
@@ -256,12 +249,6 @@ class Dfkdm(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
 
     def on_predict_start(self) -> None:
         self._require_fitted()
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Scores (and, for the autoencoder, maps) of the validation images."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     # ------------------------------------------------------------------------------------------- settings
     @property

@@ -24,7 +24,13 @@ from anomalib.data import InferenceBatch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_ext.models.components import DEFAULT_BACKBONE, build_feature_extractor, gaussian_window, topk_mean
+from anomalib_ext.models.components import (
+    GaussianBlur,
+    InputNormalization,
+    InputNormalizer,
+    build_feature_extractor,
+    topk_mean,
+)
 from anomalib_ext.models.components.autoencoder import AutoencoderOutput, ConvAutoencoder
 from anomalib_ext.models.components.kde import BandwidthRule, DensityKind, FeatureDensity, ScalingMethod
 
@@ -57,11 +63,14 @@ def reconstruction_error_features(
 
 
 class DfkdmModel(nn.Module):
-    """Feature extractor (backbone or autoencoder) followed by a ``FeatureDensity``.
+    """Feature extractor (backbone or autoencoder) followed by a ``FeatureDensity``, on raw [0, 1] images.
+
+    The arguments are ``Dfkdm``'s (documented there, with their defaults).
 
     Args:
         feature_source: ``backbone`` or ``autoencoder`` (LAKE).
         backbone, layers, pre_trained: the timm backbone for ``backbone`` mode.
+        input_normalization: ``backbone`` (its pretrained mean/std) or ``imagenet``, applied before the backbone.
         image_size, in_channels, latent_dim, base_channels, num_downsamples, variational: the autoencoder
             for ``autoencoder`` mode (see ``ConvAutoencoder``).
         density, bandwidth, n_components, feature_scaling, max_training_points: the density (see
@@ -76,24 +85,26 @@ class DfkdmModel(nn.Module):
 
     def __init__(
         self,
-        feature_source: FeatureSource = "backbone",
-        backbone: str = DEFAULT_BACKBONE,
-        layers: Sequence[str] = ("blocks.2", "blocks.4", "blocks.6"),
-        pre_trained: bool = True,
-        image_size: int | tuple[int, int] = 128,
-        in_channels: int = 3,
-        latent_dim: int = 32,
-        base_channels: int = 32,
-        num_downsamples: int = 4,
-        variational: bool = False,
-        density: DensityKind = "gaussian",
-        bandwidth: BandwidthRule | float = "loo",
-        n_components: int | float = 0.97,
-        residual: bool = True,
-        feature_scaling: ScalingMethod = "standardize",
-        max_training_points: int = 2000,
-        calibrate: bool = False,
-        map_sigma: float = 4.0,
+        *,
+        feature_source: FeatureSource,
+        backbone: str,
+        layers: Sequence[str],
+        input_normalization: InputNormalization,
+        pre_trained: bool,
+        image_size: tuple[int, int],
+        in_channels: int,
+        latent_dim: int,
+        base_channels: int,
+        num_downsamples: int,
+        variational: bool,
+        density: DensityKind,
+        bandwidth: BandwidthRule | float,
+        n_components: int | float,
+        residual: bool,
+        feature_scaling: ScalingMethod,
+        max_training_points: int,
+        calibrate: bool,
+        map_sigma: float,
     ) -> None:
         super().__init__()
         if feature_source not in FEATURE_SOURCES:
@@ -105,11 +116,13 @@ class DfkdmModel(nn.Module):
         self.feature_source = feature_source
         self.calibrate = calibrate
         self.feature_extractor: nn.Module | None = None
+        self.normalize: nn.Module | None = None
         self.autoencoder: ConvAutoencoder | None = None
         if feature_source == "backbone":
             if not layers:
                 msg = "layers must name at least one backbone layer"
                 raise ValueError(msg)
+            self.normalize = InputNormalizer.for_backbone(backbone, input_normalization)
             self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained=pre_trained)
         else:
             self.autoencoder = ConvAutoencoder(
@@ -130,17 +143,13 @@ class DfkdmModel(nn.Module):
             passthrough=RECONSTRUCTION_FEATURES if feature_source == "autoencoder" else 0,
         )
         self.map_sigma = map_sigma
-        if map_sigma > 0:
-            window_size = 2 * int(round(3 * map_sigma)) + 1
-            self.register_buffer("map_window", gaussian_window(window_size, map_sigma), persistent=False)
-        else:
-            self.map_window = None
+        self.smoothing = GaussianBlur(map_sigma)
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Concatenated global-average-pooled backbone activations: (N, sum of layer channels)."""
-        assert self.feature_extractor is not None
+        """Concatenated global-average-pooled backbone activations of [0, 1] images: (N, sum of layer channels)."""
+        assert self.feature_extractor is not None and self.normalize is not None
         self.feature_extractor.eval()  # frozen: BatchNorm statistics must not move during "training"
-        layer_outputs = self.feature_extractor(images)
+        layer_outputs = self.feature_extractor(self.normalize(images))
         return torch.cat([F.adaptive_avg_pool2d(output, 1).flatten(1) for output in layer_outputs.values()], dim=1)
 
     def lake_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,11 +168,7 @@ class DfkdmModel(nn.Module):
 
     def residual_map(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """Squared reconstruction residual, averaged over channels and smoothed: (N, 1, H, W)."""
-        residual = (images - reconstruction).pow(2).mean(dim=1, keepdim=True)
-        if self.map_window is None:
-            return residual
-        pad = self.map_window.shape[-1] // 2
-        return F.conv2d(F.pad(residual, (pad, pad, pad, pad), mode="reflect"), self.map_window.to(residual.dtype))
+        return self.smoothing((images - reconstruction).pow(2).mean(dim=1, keepdim=True))
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """Negative log density of the features, or its calibrated [0, 1] version."""

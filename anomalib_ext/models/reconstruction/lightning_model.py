@@ -8,7 +8,7 @@ and the image score is the mean of the map's top pixels.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib import LearningType
@@ -19,16 +19,20 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
+from torchvision.transforms.v2 import InterpolationMode
 
-from anomalib_ext.models.components import AutoencoderOutput, InterruptStatusMixin, ReconstructionLoss
-from anomalib_ext.models.components.export import ExportDefaultsMixin
-from anomalib_ext.models.components.sizes import as_pair
+from anomalib_ext.models.components import (
+    AutoencoderOutput,
+    ExtModelMixin,
+    ImageSize,
+    MapMoments,
+    ReconstructionLoss,
+)
 
 from .torch_model import MapMode, ReconstructionModel, Variant
 
 
-class Reconstruction(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
+class Reconstruction(ExtModelMixin, AnomalibModule):
     """Autoencoder / VAE anomaly detector (see README.md).
 
     Args:
@@ -41,8 +45,8 @@ class Reconstruction(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         l2_weight, ssim_weight: weights of the L2 and (1 - SSIM) reconstruction losses.
         beta: weight of the VAE's KL divergence (summed over the code, averaged over the batch).
         anomaly_map_mode: ``ssim`` (1 - local SSIM) or ``l2`` (squared residual).
-        ssim_window_size: odd side of the Gaussian SSIM window (loss and map).
-        smoothing_sigma: Gaussian blur of the anomaly map, pixels (0 = none).
+        ssim_window_size, ssim_sigma: odd side and sigma of the Gaussian SSIM window (loss and map).
+        map_sigma: Gaussian blur of the anomaly map, pixels (0 = none).
         topk_fraction: image score = mean of the top ``topk_fraction`` of map pixels.
         normalize_map: standardise each map pixel by the mean and spread of the training images' maps there
             (collected during each training epoch from the reconstructions the loss already computed).
@@ -52,10 +56,14 @@ class Reconstruction(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
             raw [0, 1] intensities through a sigmoid.
     """
 
+    default_image_size: ClassVar[tuple[int, int]] = (128, 128)
+    # nearest neighbour keeps thin defects sharp, and no Normalize: the sigmoid output lives in [0, 1]
+    resize_interpolation: ClassVar[InterpolationMode] = InterpolationMode.NEAREST
+
     def __init__(
         self,
         variant: Variant = "ae",
-        image_size: int | tuple[int, int] = 128,
+        image_size: ImageSize = 128,
         latent_dim: int = 128,
         base_channels: int = 32,
         num_downsamples: int = 4,
@@ -64,7 +72,8 @@ class Reconstruction(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         beta: float = 1e-4,
         anomaly_map_mode: MapMode = "ssim",
         ssim_window_size: int = 11,
-        smoothing_sigma: float = 2.0,
+        ssim_sigma: float = 1.5,
+        map_sigma: float = 2.0,
         topk_fraction: float = 0.01,
         normalize_map: bool = True,
         learning_rate: float = 1e-3,
@@ -74,10 +83,8 @@ class Reconstruction(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        size = as_pair(image_size)
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(size)
         super().__init__(
+            image_size=image_size,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
@@ -89,13 +96,14 @@ class Reconstruction(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         try:
             self.model = ReconstructionModel(
                 variant=variant,
-                image_size=size,
+                image_size=self.image_size,
                 latent_dim=latent_dim,
                 base_channels=base_channels,
                 num_downsamples=num_downsamples,
                 anomaly_map_mode=anomaly_map_mode,
                 ssim_window_size=ssim_window_size,
-                smoothing_sigma=smoothing_sigma,
+                ssim_sigma=ssim_sigma,
+                map_sigma=map_sigma,
                 topk_fraction=topk_fraction,
                 normalize_map=normalize_map,
             )
@@ -104,23 +112,15 @@ class Reconstruction(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
                 ssim_weight=ssim_weight,
                 beta=beta,
                 ssim_window_size=ssim_window_size,
+                ssim_sigma=ssim_sigma,
             )
         except ValueError as error:
             msg = f"Reconstruction: {error}"
             raise ValueError(msg) from None
-        self.image_size = size
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         # running sums of the training images' raw maps in the current epoch (see _commit_map_statistics)
-        self._map_sum: torch.Tensor | None = None
-        self._map_square_sum: torch.Tensor | None = None
-        self._map_count = 0
-
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | int | None = None) -> PreProcessor:
-        """Nearest-neighbour resize, no Normalize: the sigmoid output lives in the input's [0, 1] range."""
-        size = as_pair(image_size) if image_size is not None else (128, 128)
-        return PreProcessor(transform=Compose([Resize(size, interpolation=InterpolationMode.NEAREST)]))
+        self._map_moments = MapMoments()
 
     @property
     def learning_type(self) -> LearningType:
@@ -172,27 +172,17 @@ class Reconstruction(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         reconstruction = output.reconstruction
         if output.mu is not None:
             reconstruction = self.model.autoencoder.decode(output.mu)
-        maps = self.model.raw_anomaly_map(images, reconstruction.detach()).double()
-        if self._map_sum is None or self._map_count == 0:
-            self._map_sum = torch.zeros_like(maps[0])
-            self._map_square_sum = torch.zeros_like(maps[0])
-        self._map_sum += maps.sum(dim=0)
-        self._map_square_sum += (maps * maps).sum(dim=0)
-        self._map_count += maps.shape[0]
+        self._map_moments.add(self.model.raw_anomaly_map(images, reconstruction.detach()))
 
     def _commit_map_statistics(self) -> None:
         """Turn the epoch's sums into the model's per-pixel mean / spread buffers, then start afresh."""
-        if self._map_count < 2 or self._map_sum is None or self._map_square_sum is None:
+        if self._map_moments.total < 2:
             return
-        mean = self._map_sum / self._map_count
-        variance = (self._map_square_sum / self._map_count - mean * mean).clamp(min=0)
-        self.model.set_map_statistics(mean.float(), variance.sqrt().float())
-        self._map_sum = self._map_square_sum = None
-        self._map_count = 0
+        self.model.fit_map_statistics(self._map_moments)
+        self._map_moments = MapMoments()
 
     def on_train_epoch_start(self) -> None:
-        self._map_sum = self._map_square_sum = None
-        self._map_count = 0
+        self._map_moments = MapMoments()
 
     def on_validation_epoch_start(self) -> None:
         # Lightning validates at the end of a training epoch, before on_train_epoch_end: commit first so
@@ -204,7 +194,5 @@ class Reconstruction(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Scores and maps for the post-processor's threshold and normalisation statistics."""
-        del args, kwargs
         self._check_images(batch.image)
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
+        return super().validation_step(batch, *args, **kwargs)

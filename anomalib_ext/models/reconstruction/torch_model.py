@@ -6,15 +6,21 @@ anomalib's ``InferenceBatch``. Nothing in the eval path depends on data values, 
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
-from anomalib_ext.models.components import AutoencoderOutput, ConvAutoencoder, SSIMMap, topk_mean
+from anomalib_ext.models.components import (
+    AutoencoderOutput,
+    ConvAutoencoder,
+    GaussianBlur,
+    MapMoments,
+    MapStandardizer,
+    SSIMMap,
+    topk_mean,
+)
 
 Variant = Literal["ae", "vae"]
 MapMode = Literal["ssim", "l2"]
@@ -22,33 +28,10 @@ VARIANTS: tuple[str, ...] = ("ae", "vae")
 MAP_MODES: tuple[str, ...] = ("ssim", "l2")
 
 
-class GaussianSmoothing(nn.Module):
-    """Separable Gaussian blur of a (N, 1, H, W) map; ``sigma <= 0`` leaves the map alone.
-
-    Reconstruction residuals are speckled by noise and fine texture; blurring before scoring makes a
-    defect (a connected region) stand out from isolated hot pixels.
-    """
-
-    def __init__(self, sigma: float) -> None:
-        super().__init__()
-        self.sigma = float(sigma)
-        radius = max(1, math.ceil(3 * sigma)) if sigma > 0 else 0
-        coords = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        kernel = torch.exp(-(coords**2) / (2 * max(sigma, 1e-6) ** 2))
-        self.register_buffer("kernel", (kernel / kernel.sum()).view(1, 1, 1, -1), persistent=False)
-        self.radius = radius
-
-    def forward(self, anomaly_map: torch.Tensor) -> torch.Tensor:
-        if self.radius == 0:
-            return anomaly_map
-        r = self.radius
-        # replicate padding: valid for any map size (reflect needs the map larger than the kernel radius)
-        horizontal = F.conv2d(F.pad(anomaly_map, (r, r, 0, 0), mode="replicate"), self.kernel)
-        return F.conv2d(F.pad(horizontal, (0, 0, r, r), mode="replicate"), self.kernel.transpose(2, 3))
-
-
 class ReconstructionModel(nn.Module):
     """Autoencoder (``ae``) or VAE (``vae``) scored by how badly it reconstructs each pixel.
+
+    The arguments are ``Reconstruction``'s (documented there, with their defaults).
 
     Args:
         variant: ``ae`` or ``vae``. The VAE reconstructs from its mean code at inference (deterministic).
@@ -57,27 +40,31 @@ class ReconstructionModel(nn.Module):
         in_channels: image channels.
         anomaly_map_mode: ``ssim`` (1 - local SSIM of input and reconstruction) or ``l2`` (squared residual
             averaged over channels).
-        ssim_window_size: side of the SSIM Gaussian window (odd).
-        smoothing_sigma: Gaussian blur of the map in pixels (0 = none).
+        ssim_window_size, ssim_sigma: the SSIM Gaussian window (odd side, sigma).
+        map_sigma: Gaussian blur of the map in pixels (0 = none), replicate padding (valid for any map size).
+            Reconstruction residuals are speckled by noise and fine texture; blurring before scoring makes a
+            defect (a connected region) stand out from isolated hot pixels.
         topk_fraction: the image score is the mean of the highest ``topk_fraction`` of map pixels.
         normalize_map: standardise each pixel of the map by the mean and spread of normal images' maps at that
-            pixel (buffers set by ``set_map_statistics`` after training). Parts that are always hard to
+            pixel (``map_stats``, fitted by ``fit_map_statistics`` after training). Parts that are always hard to
             reconstruct (edges, fine texture) then stop dominating the map; identity until set.
     """
 
     def __init__(
         self,
-        variant: Variant = "ae",
-        image_size: int | tuple[int, int] = 128,
-        latent_dim: int = 128,
-        base_channels: int = 32,
-        num_downsamples: int = 4,
+        *,
+        variant: Variant,
+        image_size: tuple[int, int],
+        latent_dim: int,
+        base_channels: int,
+        num_downsamples: int,
+        anomaly_map_mode: MapMode,
+        ssim_window_size: int,
+        ssim_sigma: float,
+        map_sigma: float,
+        topk_fraction: float,
+        normalize_map: bool,
         in_channels: int = 3,
-        anomaly_map_mode: MapMode = "ssim",
-        ssim_window_size: int = 11,
-        smoothing_sigma: float = 2.0,
-        topk_fraction: float = 0.01,
-        normalize_map: bool = True,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -89,8 +76,8 @@ class ReconstructionModel(nn.Module):
         if not 0 < topk_fraction <= 1:
             msg = f"topk_fraction must be in (0, 1], got {topk_fraction}"
             raise ValueError(msg)
-        if smoothing_sigma < 0:
-            msg = f"smoothing_sigma must be >= 0, got {smoothing_sigma}"
+        if map_sigma < 0:
+            msg = f"map_sigma must be >= 0, got {map_sigma}"
             raise ValueError(msg)
         self.variant = variant
         self.anomaly_map_mode = anomaly_map_mode
@@ -103,25 +90,17 @@ class ReconstructionModel(nn.Module):
             num_downsamples=num_downsamples,
             variational=variant == "vae",
         )
-        self.ssim = SSIMMap(window_size=ssim_window_size)
-        self.smoothing = GaussianSmoothing(smoothing_sigma)
+        self.ssim = SSIMMap(ssim_window_size, ssim_sigma)
+        self.smoothing = GaussianBlur(map_sigma, padding="replicate")
         self.normalize_map = normalize_map
-        height, width = self.autoencoder.image_size
-        self.register_buffer("map_mean", torch.zeros(1, 1, height, width))
-        self.register_buffer("map_scale", torch.ones(1, 1, height, width))
+        # identity until fitted; the spread is floored by its own average over the image, so pixels where normal
+        # images are always reconstructed perfectly (flat background) do not turn noise into huge scores
+        self.map_stats = MapStandardizer(floor="mean", min_scale=1e-6, shape=(1, 1, *self.autoencoder.image_size))
 
     @torch.no_grad()
-    def set_map_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Store normal images' per-pixel map mean and spread, (H, W) or (1, 1, H, W) each.
-
-        The spread is floored by its own average over the image, so pixels where normal images are always
-        reconstructed perfectly (flat background) do not turn noise into huge scores.
-        """
-        mean = mean.reshape(self.map_mean.shape).to(self.map_mean)
-        std = std.reshape(self.map_scale.shape).to(self.map_scale).clamp(min=0)
-        floor = std.mean().clamp(min=1e-6)
-        self.map_mean.copy_(mean)
-        self.map_scale.copy_(std + floor)
+    def fit_map_statistics(self, moments: MapMoments) -> None:
+        """Per-pixel mean and spread of normal images' raw maps (accumulated with ``raw_anomaly_map``)."""
+        self.map_stats.fit(moments)
 
     def raw_anomaly_map(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) smoothed reconstruction error before per-pixel standardisation; >= 0."""
@@ -135,7 +114,7 @@ class ReconstructionModel(nn.Module):
         """(N, 1, H, W) anomaly map: the smoothed error, standardised per pixel when ``normalize_map``."""
         anomaly_map = self.raw_anomaly_map(images, reconstruction)
         if self.normalize_map:
-            anomaly_map = (anomaly_map - self.map_mean) / self.map_scale
+            anomaly_map = self.map_stats(anomaly_map)
         return anomaly_map
 
     def forward(self, images: torch.Tensor) -> AutoencoderOutput | InferenceBatch:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-AMAP_MODES = ("mul", "sum")
+ANOMALY_MAP_MODES = ("mul", "sum")
 
 
 def cosine_anomaly_map(

@@ -3,7 +3,7 @@
 "Augmented" normals (geometric + photometric, plus HistAuGAN restyling when a generator is given) widen what
 the student learns as normal and give the teacher's classifier a second normal class. Synthetic defects
 (anomalib's Perlin-noise generator and CutPaste) are the teacher's positive class. Everything works on RGB
-[0, 1] batches, before ImageNet normalisation.
+[0, 1] batches; the torch model normalises its inputs for the backbone itself.
 """
 
 from __future__ import annotations
@@ -13,13 +13,9 @@ from pathlib import Path
 import kornia.augmentation as K  # noqa: N812
 import torch
 from anomalib.data.utils.generators import PerlinAnomalyGenerator
-from anomalib.models.image.foundad.components.cutpaste import CutPasteUnion
 from torch import nn
 
-from anomalib_ext.models.components import imagenet_normalize
-
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
+from anomalib_ext.models.components import CutPaste
 
 
 def load_histaugan(checkpoint: str | Path, probability: float) -> nn.Module:
@@ -88,7 +84,7 @@ class NormalVariation(nn.Module):
 
 
 class SyntheticDefects(nn.Module):
-    """Plant one synthetic defect per image: Perlin-noise blend (anomalib) or CutPaste (anomalib's FoundAD)."""
+    """Plant one synthetic defect per image: Perlin-noise blend (anomalib) or CutPaste (rectangle or scar)."""
 
     def __init__(self, perlin_fraction: float = 0.5) -> None:
         super().__init__()
@@ -97,7 +93,7 @@ class SyntheticDefects(nn.Module):
             raise ValueError(msg)
         self.perlin_fraction = perlin_fraction
         self.perlin = PerlinAnomalyGenerator(probability=1.0, blend_factor=(0.3, 1.0))
-        self.cutpaste = CutPasteUnion(color_jitter=0.5)
+        self.cutpaste = CutPaste(color_jitter=0.5)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -107,9 +103,5 @@ class SyntheticDefects(nn.Module):
         if use_perlin.any():
             defective[use_perlin] = self.perlin(images[use_perlin])[0]
         if (~use_perlin).any():
-            # CutPasteUnion expects ImageNet-normalised tensors
-            pasted = self.cutpaste(imagenet_normalize(images[~use_perlin]))
-            mean = images.new_tensor(_MEAN).view(1, 3, 1, 1)
-            std = images.new_tensor(_STD).view(1, 3, 1, 1)
-            defective[~use_perlin] = pasted * std + mean
+            defective[~use_perlin] = self.cutpaste(images[~use_perlin])
         return defective.clamp(0, 1)

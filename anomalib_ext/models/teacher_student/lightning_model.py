@@ -4,6 +4,11 @@ Both stages run in one ``anomalib train`` run with manual optimisation: epochs `
 the teacher as a weighted normal-vs-defective classifier, then the teacher is frozen and the remaining
 epochs train the student to match its L2-normalised features. The map is 1 - cosine similarity per layer,
 combined by product or sum.
+
+Single-template mode: the model makes its own training images from the one template inside ``training_step``:
+the first training batch of each epoch only gives the batch size, and that step runs the whole epoch,
+``samples_per_epoch`` samples (the template and its variations) in batches of that size; the rest of the
+datamodule's training batches are skipped. The user's datamodule is never modified.
 """
 
 from __future__ import annotations
@@ -23,55 +28,66 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.nn import functional as F  # noqa: N812
-from torchvision.transforms.v2 import Resize
 
-from anomalib_ext.models.components import DEFAULT_BACKBONE, ExportDefaultsMixin, InterruptStatusMixin
-from anomalib_ext.models.components.sizes import as_pair
+from anomalib_ext.models.components import (
+    DEFAULT_BACKBONE,
+    DEFAULT_LAYERS,
+    ExtModelMixin,
+    ImageSize,
+    InputNormalization,
+)
 
 from .augment import NormalVariation, SyntheticDefects
-from .template import SingleTemplateDataset
+from .template import load_template
 from .torch_model import TeacherStudentModel, layer_feature_loss
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TS_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
+# the default of ``input_normalization`` (one place to flip it)
+INPUT_NORMALIZATION: InputNormalization = "backbone"
 
 
-class TeacherStudent(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
+class TeacherStudent(ExtModelMixin, AnomalibModule):
     """Teacher-student anomaly detector with optional teacher fine-tuning, HistAuGAN and single-template mode.
 
     Args:
         backbone: teacher architecture (offline pretrained weights).
         layers: compared feature layers.
         student_backbone: student architecture (random init); ``None`` = same as the teacher.
-        amap_mode: combine per-layer maps by ``"mul"`` or ``"sum"``.
-        blur_sigma: Gaussian smoothing of the map (pixels at model input size); 0 disables it.
-        score_fraction: image score = mean of the top fraction of map pixels; 0 = maximum.
+        input_normalization: how the torch model standardises the [0, 1] images for teacher and student:
+            ``backbone`` (the mean/std the teacher's pretrained weights expect, timm's ``pretrained_cfg``) or
+            ``imagenet``.
+        anomaly_map_mode: combine per-layer maps by ``"mul"`` or ``"sum"``.
+        map_sigma: Gaussian smoothing of the map (pixels at model input size); 0 disables it.
+        topk_fraction: image score = mean of the top fraction of map pixels; 0 = maximum.
         teacher_epochs: epochs spent fine-tuning the teacher first; 0 keeps the ImageNet teacher.
-        teacher_lr: Adam learning rate of the teacher fine-tuning (small: adapt, do not forget ImageNet).
-        student_lr: SGD (momentum 0.9) learning rate of the student, STFPM's 0.4 by default.
+        teacher_learning_rate: Adam learning rate of the teacher fine-tuning (small: adapt, do not forget ImageNet).
+        student_learning_rate: SGD (momentum 0.9) learning rate of the student, STFPM's 0.4 by default.
         normal_weight / augmented_weight / defect_weight: per-sample weights of the teacher's classifier loss
             (the origin's 5 / 2 / 10).
         student_augment_p: fraction of each student batch replaced by augmented normals.
-        degrees / translate / hflip / vflip / colour_jitter: augmentation strengths (see ``NormalVariation``).
+        degrees / translate / hflip / vflip / color_jitter: augmentation strengths (see ``NormalVariation``).
         histaugan_checkpoint: trained HistAuGAN generator; restyles augmented samples when given.
         histaugan_p: probability that an augmented sample is restyled by HistAuGAN.
-        single_template: path of one good image; the training set becomes it plus its variations.
-        samples_per_epoch: number of template variations per epoch in single-template mode.
+        single_template: path of one good image; training then uses it and its variations instead of the
+            datamodule's training images (whose first batch per epoch only sets the batch size).
+        samples_per_epoch: training samples (the template, then its variations) per epoch in single-template
+            mode.
         image_size: side (or (height, width)) the default pre-processor resizes to.
     """
 
     def __init__(
         self,
         backbone: str = DEFAULT_BACKBONE,
-        layers: Sequence[str] = DEFAULT_TS_LAYERS,
+        layers: Sequence[str] = DEFAULT_LAYERS,
         student_backbone: str | None = None,
-        amap_mode: str = "mul",
-        blur_sigma: float = 4.0,
-        score_fraction: float = 0.01,
+        input_normalization: InputNormalization = INPUT_NORMALIZATION,
+        anomaly_map_mode: str = "mul",
+        map_sigma: float = 4.0,
+        topk_fraction: float = 0.01,
         teacher_epochs: int = 1,
-        teacher_lr: float = 1e-4,
-        student_lr: float = 0.4,
+        teacher_learning_rate: float = 1e-4,
+        student_learning_rate: float = 0.4,
         normal_weight: float = 5.0,
         augmented_weight: float = 2.0,
         defect_weight: float = 10.0,
@@ -80,21 +96,23 @@ class TeacherStudent(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         translate: float = 0.05,
         hflip: bool = False,
         vflip: bool = False,
-        colour_jitter: float = 0.15,
+        color_jitter: float = 0.15,
         histaugan_checkpoint: str | None = None,
         histaugan_p: float = 0.5,
         single_template: str | None = None,
         samples_per_epoch: int = 64,
-        image_size: int | Sequence[int] = 256,
+        image_size: ImageSize = 256,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(as_pair(image_size))
         super().__init__(
-            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+            image_size=image_size,
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
         )
         if teacher_epochs < 0:
             msg = f"teacher_epochs must be >= 0, got {teacher_epochs}"
@@ -110,34 +128,36 @@ class TeacherStudent(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         if not 0.0 <= student_augment_p <= 1.0:
             msg = f"student_augment_p must be in [0, 1], got {student_augment_p}"
             raise ValueError(msg)
-        if single_template is not None and not Path(single_template).is_file():
-            msg = f"single_template '{single_template}' does not exist"
-            raise FileNotFoundError(msg)
-        self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
+        if samples_per_epoch < 1:
+            msg = f"samples_per_epoch must be >= 1, got {samples_per_epoch}"
+            raise ValueError(msg)
+        # read now: a missing or unreadable template fails at construction, not after the first epoch
+        self._template = None if single_template is None else load_template(Path(single_template))
         self.model = TeacherStudentModel(
             backbone=backbone,
             layers=layers,
             student_backbone=student_backbone,
-            amap_mode=amap_mode,
-            blur_sigma=blur_sigma,
-            score_fraction=score_fraction,
+            anomaly_map_mode=anomaly_map_mode,
+            map_sigma=map_sigma,
+            topk_fraction=topk_fraction,
+            input_normalization=input_normalization,
         )
         self.variation = NormalVariation(
             degrees=degrees,
             translate=translate,
             hflip=hflip,
             vflip=vflip,
-            brightness=colour_jitter,
-            contrast=colour_jitter,
-            saturation=colour_jitter * 0.7,
-            hue=colour_jitter * 0.1,
+            brightness=color_jitter,
+            contrast=color_jitter,
+            saturation=color_jitter * 0.7,
+            hue=color_jitter * 0.1,
             histaugan_checkpoint=histaugan_checkpoint,
             histaugan_p=histaugan_p,
         )
         self.defects = SyntheticDefects()
         self.teacher_epochs = teacher_epochs
-        self.teacher_lr = teacher_lr
-        self.student_lr = student_lr
+        self.teacher_learning_rate = teacher_learning_rate
+        self.student_learning_rate = student_learning_rate
         self.sample_weights = (normal_weight, augmented_weight, defect_weight)
         self.student_augment_p = student_augment_p
         self.single_template = single_template
@@ -148,11 +168,6 @@ class TeacherStudent(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
             self.model.freeze_teacher()
 
     # ----------------------------------------------------------------------------------- anomalib hooks
-    @classmethod
-    def configure_pre_processor(cls, image_size: int | Sequence[int] | None = None) -> PreProcessor:
-        """Resize only: the torch model normalises, so training augmentations see plain [0, 1] images."""
-        return PreProcessor(transform=Resize(as_pair(image_size or 256), antialias=True))
-
     @property
     def learning_type(self) -> LearningType:
         """One-class: only good images are needed (synthetic defects are made on the fly)."""
@@ -168,20 +183,33 @@ class TeacherStudent(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
         teacher_parameters = [*self.model.teacher.parameters(), *self.model.classifier.parameters()]
         student_parameters = [*self.model.student.parameters(), *self.model.projections.parameters()]
         return [
-            torch.optim.Adam(teacher_parameters, lr=self.teacher_lr),
-            torch.optim.SGD(student_parameters, lr=self.student_lr, momentum=0.9, weight_decay=1e-3),
+            torch.optim.Adam(teacher_parameters, lr=self.teacher_learning_rate),
+            torch.optim.SGD(student_parameters, lr=self.student_learning_rate, momentum=0.9, weight_decay=1e-3),
         ]
 
-    def setup(self, stage: str) -> None:
-        """In single-template mode, replace the datamodule's training set by the template's variations."""
-        if self.single_template is None or stage != "fit":
+    # --------------------------------------------------------------------------------- single template
+    def on_fit_start(self) -> None:
+        """Single-template mode: bring the template to the model's input size once."""
+        if self._template is None:
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "train_data"):
-            msg = "single_template needs an anomalib datamodule (Engine.fit(datamodule=...) or `anomalib train`)"
-            raise ValueError(msg)
-        datamodule.train_data = SingleTemplateDataset(self.single_template, self.samples_per_epoch, self.variation)
-        logger.info("single-template mode: %d variations of %s per epoch", self.samples_per_epoch, self.single_template)
+        template = self._template[None].to(self.device)
+        transform = getattr(self.pre_processor, "transform", None)
+        self._template = (transform(template) if transform is not None else template)[0]
+        logger.info("single-template mode: %d samples of %s per epoch", self.samples_per_epoch, self.single_template)
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> int | None:
+        """Single-template mode: the first batch's step trains the whole epoch; skip the other batches."""
+        del batch
+        return -1 if self._template is not None and batch_idx > 0 else None
+
+    def _template_images(self, count: int, first: bool) -> torch.Tensor:
+        """``count`` variations of the template; with ``first``, the first sample is the template itself."""
+        assert self._template is not None
+        template = self._template.to(self.device)
+        images = self.variation(template[None].expand(count, -1, -1, -1).contiguous())
+        if first:
+            images[0] = template
+        return images
 
     def on_train_start(self) -> None:
         """Fail early when the epoch budget leaves no epoch for the student."""
@@ -201,20 +229,31 @@ class TeacherStudent(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
 
     # ------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """One optimiser step of whichever stage the current epoch belongs to."""
+        """One optimiser step on the batch; in single-template mode, the epoch's steps on template samples."""
         del args, kwargs
+        if self._template is None:
+            return {"loss": self._optimisation_step(batch.image)}
+        size = len(batch.image)
+        losses = [
+            self._optimisation_step(self._template_images(min(size, self.samples_per_epoch - start), start == 0))
+            for start in range(0, self.samples_per_epoch, size)
+        ]
+        return {"loss": torch.stack(losses).mean()}
+
+    def _optimisation_step(self, images: torch.Tensor) -> torch.Tensor:
+        """One optimiser step of whichever stage the current epoch belongs to; the detached loss."""
         teacher_optimizer, student_optimizer = self.optimizers()
         if self.current_epoch < self.teacher_epochs:
-            loss = self._teacher_loss(batch.image)
+            loss = self._teacher_loss(images)
             optimizer, name = teacher_optimizer, "teacher_loss"
         else:
-            loss = self._student_loss(batch.image)
+            loss = self._student_loss(images)
             optimizer, name = student_optimizer, "student_loss"
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
-        self.log(name, loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
-        return {"loss": loss.detach()}
+        self.log(name, loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images))
+        return loss.detach()
 
     def _teacher_loss(self, images: torch.Tensor) -> torch.Tensor:
         """Weighted BCE: normal (label 0), augmented normal (0) and synthetic defects (1)."""
@@ -243,12 +282,6 @@ class TeacherStudent(InterruptStatusMixin, ExportDefaultsMixin, AnomalibModule):
             images = torch.where(replace, self.variation(images), images)
         teacher, student = self.model(images)
         return layer_feature_loss(teacher, student)
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Map and score for anomalib's evaluator."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     # ---------------------------------------------------------------------------------------- checkpoint
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

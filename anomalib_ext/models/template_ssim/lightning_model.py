@@ -4,7 +4,7 @@ No gradient training: one epoch collects a capped, seeded sample of normal image
 ``fit`` builds the templates and each class's score statistics from held-out normals.
 
 Where the class comes from: the path of each training image (``.../good/<class>/<name>``, see
-``anomalib_ext.data.dice.class_from_path``), because anomalib's batches have no class field. Images in a flat
+``anomalib_ext.models.components.class_from_path``), because anomalib's batches have no class field. Images in a flat
 ``good/`` folder (MVTec, Folder) have no class: the model then finds ``num_templates`` templates by k-medoids.
 """
 
@@ -22,12 +22,9 @@ from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torchvision.transforms.v2 import Compose, Resize
 
-from anomalib_ext.data.dice import class_from_path
-from anomalib_ext.models.components import ExportDefaultsMixin, InterruptStatusMixin
-from anomalib_ext.models.components.memory_bank import ReservoirSampler
+from anomalib_ext.models.components import ExtModelMixin, ImageSize, class_from_path
+from anomalib_ext.models.components.sampling import ReservoirSampler
 
 from .torch_model import TemplateSsimModel
 
@@ -38,7 +35,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_ANGLES = (-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
 
 
-class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, AnomalibModule):
+class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
     """Template matching + SSIM anomaly detector (see README.md).
 
     Args:
@@ -52,7 +49,7 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
         class_folders: read the class from ``.../good/<class>/`` in the image path; ``False`` = class-less.
         max_images_per_class: reservoir cap per class (half builds the template, half calibrates).
         calibration_fraction: share of each class's sample held out for score statistics.
-        ssim_window, ssim_sigma: Gaussian SSIM window.
+        ssim_window_size, ssim_sigma: Gaussian SSIM window (odd size in pixels, sigma).
         map_sigma: Gaussian smoothing of the anomaly map.
         topk_fraction: image score = mean of the top fraction of the (normalised) map.
         pixel_statistics: standardise the map per pixel by the spread of held-out normal maps (in the template
@@ -83,7 +80,7 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
         class_folders: bool = True,
         max_images_per_class: int = 128,
         calibration_fraction: float = 0.5,
-        ssim_window: int = 7,
+        ssim_window_size: int = 7,
         ssim_sigma: float = 1.5,
         map_sigma: float = 2.0,
         topk_fraction: float = 0.002,
@@ -92,16 +89,15 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
         residual: bool = True,
         illumination_sigma: float = 0.0,
         gain_trend: bool = False,
-        image_size: int | tuple[int, int] | None = None,
+        image_size: ImageSize | None = None,
         seed: int = 0,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size)
         super().__init__(
+            image_size=image_size,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
@@ -127,7 +123,7 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
             angles=list(angles),
             max_shift=max_shift,
             coarse_factor=coarse_factor,
-            ssim_window=ssim_window,
+            ssim_window_size=ssim_window_size,
             ssim_sigma=ssim_sigma,
             map_sigma=map_sigma,
             topk_fraction=topk_fraction,
@@ -139,14 +135,6 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
         )
         self.class_names: list[str] = []
         self._reservoir: dict[str, ReservoirSampler] = {}
-
-    @classmethod
-    def configure_pre_processor(cls, image_size: int | tuple[int, int] | None = None) -> PreProcessor:
-        """Resize only: SSIM and NCC want the image's own intensities, not ImageNet statistics."""
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        image_size = tuple(image_size) if image_size else (256, 256)
-        return PreProcessor(transform=Compose([Resize(image_size, antialias=True)]))
 
     @staticmethod
     def configure_optimizers() -> None:
@@ -212,11 +200,6 @@ class TemplateSsim(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, A
             self.class_names = named
         logger.info("TemplateSsim fitted %d templates, statistics groups %s", len(template_source), self.class_names)
         self._reservoir = {}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     # -------------------------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

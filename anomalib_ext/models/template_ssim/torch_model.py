@@ -7,7 +7,6 @@ graph (every template x every angle x a shift window), so it exports to OpenVINO
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from anomalib.data import InferenceBatch
@@ -15,7 +14,16 @@ from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_ext.models.components import SSIMMap, gaussian_window, topk_mean
+from anomalib_ext.models.components import (
+    GaussianBlur,
+    MapMoments,
+    MapStandardizer,
+    SSIMMap,
+    k_medoids,
+    robust_center_scale,
+    topk_mean,
+    weighted_theil_sen_slope,
+)
 from anomalib_ext.models.components.alignment import NccPoseSearch, to_image_frame, to_reference_frame
 
 logger = logging.getLogger(__name__)
@@ -31,11 +39,13 @@ class _ResizableSearch(DynamicBufferMixin, NccPoseSearch):
 class TemplateSsimModel(DynamicBufferMixin, nn.Module):
     """Match each image to its best template and pose; map = smoothed 1 - local SSIM, normalised per class.
 
+    The arguments without a default are ``TemplateSsim``'s (documented there, with their defaults).
+
     Args:
         angles: rotations searched, degrees (fixed grid).
         max_shift: shifts searched, pixels in each direction.
         coarse_factor: downsampling of the exhaustive search pass.
-        ssim_window, ssim_sigma: Gaussian SSIM window.
+        ssim_window_size, ssim_sigma: Gaussian SSIM window.
         map_sigma: Gaussian smoothing of the map (0 = none).
         topk_fraction: image score = mean of this fraction of the highest map pixels.
         alignment_iterations: align-and-average rounds when building a template.
@@ -62,22 +72,23 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
 
     def __init__(
         self,
+        *,
         angles: list[float],
-        max_shift: int = 10,
-        coarse_factor: int = 4,
-        ssim_window: int = 7,
-        ssim_sigma: float = 1.5,
-        map_sigma: float = 2.0,
-        topk_fraction: float = 0.002,
+        max_shift: int,
+        coarse_factor: int,
+        ssim_window_size: int,
+        ssim_sigma: float,
+        map_sigma: float,
+        topk_fraction: float,
+        pixel_statistics: bool,
+        photometric: bool,
+        residual: bool,
+        illumination_sigma: float,
+        gain_trend: bool,
         alignment_iterations: int = 2,
         min_calibration: int = 5,
         grayscale: bool | None = None,
-        pixel_statistics: bool = False,
-        photometric: bool = False,
-        residual: bool = False,
-        illumination_sigma: float = 0.0,
         max_gain: float = 2.0,
-        gain_trend: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < topk_fraction <= 1:
@@ -91,19 +102,17 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         self.min_calibration = min_calibration
         self.grayscale = grayscale
         self.search = _ResizableSearch(self.angle_grid, max_shift, coarse_factor)
-        self.ssim = SSIMMap(ssim_window, ssim_sigma)
-        self.smoothing_size = 2 * math.ceil(3 * map_sigma) + 1 if map_sigma > 0 else 0
-        if self.smoothing_size:  # separable: two 1-D passes
-            kernel_1d = gaussian_window(self.smoothing_size, map_sigma).sum(dim=-1, keepdim=True)
-            self.register_buffer("smoothing_y", kernel_1d, persistent=False)  # (1, 1, k, 1)
-            self.register_buffer("smoothing_x", kernel_1d.transpose(-1, -2).contiguous(), persistent=False)
+        self.ssim = SSIMMap(ssim_window_size, ssim_sigma)
+        self.smoothing = GaussianBlur(map_sigma)
+        self.illumination = GaussianBlur(illumination_sigma)
         # learned at fit time (shapes change, DynamicBufferMixin resizes them on load)
         self.register_buffer("templates", torch.empty(0))  # (K, C, H, W) in [0, 1]
         self.register_buffer("template_class", torch.empty(0, dtype=torch.long))  # (K,) index into class stats
         self.register_buffer("class_center", torch.empty(0))  # (num_classes,) typical normal score
         self.register_buffer("class_scale", torch.empty(0))  # (num_classes,) spread of normal scores
-        self.register_buffer("pixel_mean", torch.empty(0))  # (K, M, H, W) normal map channels per template (optional)
-        self.register_buffer("pixel_std", torch.empty(0))  # (K, M, H, W) their spread, regularised
+        # (K, M, H, W) mean and regularised spread of normal map channels per template (optional); classes with
+        # few normals lean on the statistics pooled over all templates
+        self.pixel_stats = MapStandardizer(floor="median", min_scale=_MIN_SCALE, prior_count=5.0)
         # (num_classes,) each: normal score = class_center + gain_slope * (clamped gain - gain_reference)
         for name in self._GAIN_BUFFERS:
             self.register_buffer(name, torch.empty(0))
@@ -112,17 +121,6 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         self.photometric = photometric
         self.residual = residual
         self.max_gain = max_gain
-        self.illumination_size = 2 * math.ceil(3 * illumination_sigma) + 1 if illumination_sigma > 0 else 0
-        if self.illumination_size:
-            kernel_1d = gaussian_window(self.illumination_size, illumination_sigma).sum(dim=-1, keepdim=True)
-            self.register_buffer("illumination_y", kernel_1d, persistent=False)
-            self.register_buffer("illumination_x", kernel_1d.transpose(-1, -2).contiguous(), persistent=False)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        """Checkpoints from before the gain trend load without it (empty buffers = no trend)."""
-        for name in self._GAIN_BUFFERS:
-            state_dict.setdefault(prefix + name, torch.empty(0))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- inference
     def check_input(self, images: torch.Tensor) -> None:
@@ -184,46 +182,35 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         offset = image_mean - gain * template_mean
         return (images - offset) / gain, gain
 
-    @staticmethod
-    def _blur(maps: torch.Tensor, kernel_y: torch.Tensor, kernel_x: torch.Tensor) -> torch.Tensor:
-        """Separable blur of (N, M, H, W) maps with reflect padding (same size out)."""
-        batch, count, height, width = maps.shape
-        flat = maps.reshape(batch * count, 1, height, width)
-        pad_y, pad_x = kernel_y.shape[-2] // 2, kernel_x.shape[-1] // 2
-        flat = F.conv2d(F.pad(flat, (0, 0, pad_y, pad_y), mode="reflect"), kernel_y)
-        flat = F.conv2d(F.pad(flat, (pad_x, pad_x, 0, 0), mode="reflect"), kernel_x)
-        return flat.reshape(batch, count, height, width)
-
     def _channel_maps(self, images: torch.Tensor, use_pixel_stats: bool = True):
         """Map channels (N, M, H, W) (1 - SSIM, optionally the intensity residual), template index, pose, gain."""
         images = self._as_template_channels(images)
         pose = self.search(images)
         channels = self.templates.shape[1]
-        with_stats = use_pixel_stats and self.pixel_mean.numel() > 0
+        with_stats = use_pixel_stats and self.pixel_stats.is_fitted
         layers = self.templates
         if with_stats:
-            layers = torch.cat([self.templates, self.pixel_mean, self.pixel_std], dim=1)
+            layers = torch.cat([self.templates, self.pixel_stats.mean, self.pixel_stats.scale], dim=1)
         overlay = to_image_frame(layers[pose.reference_index], pose.angle, pose.shift)
         template = overlay[:, :channels]
         gain = images.new_ones(images.shape[0])
         if self.photometric:
             images, channel_gain = self._match_photometry(images, template)
             gain = channel_gain.mean(dim=(1, 2, 3))
-        if self.illumination_size:  # remove the smooth part of the difference (highlights, shading)
-            images = images - self._blur(images - template, self.illumination_y, self.illumination_x)
+        if self.illumination.radius:  # remove the smooth part of the difference (highlights, shading)
+            images = images - self.illumination(images - template)
         maps = [1.0 - self.ssim(images, template)]
         if self.residual:
             maps.append((images - template).abs().mean(dim=1, keepdim=True))
         anomaly_map = torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]
-        if self.smoothing_size:
-            anomaly_map = self._blur(anomaly_map, self.smoothing_y, self.smoothing_x)
+        anomaly_map = self.smoothing(anomaly_map)
         if with_stats:
             count = anomaly_map.shape[1]
-            if self.pixel_mean.shape[1] != count:  # static shapes: traces away
+            fitted_count = self.pixel_stats.mean.shape[1]
+            if fitted_count != count:  # static shapes: traces away
                 msg = (
-                    f"TemplateSsim pixel statistics hold {self.pixel_mean.shape[1]} map channel(s) but the model "
-                    f"computes {count}: set residual={self.pixel_mean.shape[1] == 2} as when it was fitted (a "
-                    "checkpoint from before the residual channel needs residual=False)"
+                    f"TemplateSsim pixel statistics hold {fitted_count} map channel(s) but the model computes "
+                    f"{count}: set residual={fitted_count == 2} as when it was fitted"
                 )
                 raise RuntimeError(msg)
             mean = overlay[:, channels : channels + count]
@@ -268,39 +255,15 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         """Best coarse NCC over the pose grid between every pair of images: (n, n)."""
         search = NccPoseSearch(self.angle_grid, self.max_shift, self.coarse_factor).to(images.device)
         search.set_references(images)
-        coarse = search._downsample(images.mean(dim=1, keepdim=True))
+        coarse = search.downsample(images.mean(dim=1, keepdim=True))
         kernel_h, kernel_w = search.coarse_kernels.shape[-2:]
-        norms = search._window_norms(coarse, kernel_h, kernel_w)
+        norms = search.window_norms(coarse, kernel_h, kernel_w)
         rows = []
         for chunk, chunk_norms in zip(coarse.split(32), norms.split(32), strict=True):
             correlation = F.conv2d(chunk, search.coarse_kernels) / chunk_norms  # (c, n*A, S, S)
             rows.append(correlation.reshape(len(chunk), len(images), -1).max(dim=-1).values)
         similarity = torch.cat(rows)
         return torch.maximum(similarity, similarity.T)
-
-    @staticmethod
-    def k_medoids(distance: torch.Tensor, count: int, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deterministic k-medoids (farthest-point start, alternate assign/update): medoids and assignment."""
-        total = distance.shape[0]
-        count = min(count, total)
-        medoids = [int(distance.sum(dim=1).argmin())]
-        while len(medoids) < count:
-            nearest = distance[:, medoids].min(dim=1).values
-            nearest[medoids] = -1.0  # distinct medoids even when images are duplicates (all distances 0)
-            medoids.append(int(nearest.argmax()))
-        medoid_tensor = torch.tensor(medoids)
-        for _ in range(iterations):
-            assignment = distance[:, medoid_tensor].argmin(dim=1)
-            updated = medoid_tensor.clone()
-            for cluster in range(count):
-                members = (assignment == cluster).nonzero().flatten()
-                if len(members) > 0:
-                    within = distance[members][:, members].sum(dim=1)
-                    updated[cluster] = members[within.argmin()]
-            if torch.equal(updated, medoid_tensor):
-                break
-            medoid_tensor = updated
-        return medoid_tensor, distance[:, medoid_tensor].argmin(dim=1)
 
     @torch.no_grad()
     def fit(
@@ -334,7 +297,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             count = min(num_templates, len(images))
             if count > 1:
                 similarity = self.pairwise_similarity(images)
-                medoids, assignment = self.k_medoids(1.0 - similarity, count)
+                medoids, assignment = k_medoids(1.0 - similarity, count)
                 for cluster, medoid in enumerate(medoids.tolist()):
                     members = images[assignment == cluster]
                     if len(members) == 0:  # duplicates of another medoid: ties go to the first cluster
@@ -367,7 +330,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         num_classes = int(self.template_class.max()) + 1
         self.class_center = torch.zeros(num_classes, device=self.templates.device)
         self.class_scale = torch.ones(num_classes, device=self.templates.device)
-        self.pixel_mean, self.pixel_std = torch.empty(0), torch.empty(0)
+        self.pixel_stats.reset()
         if self.pixel_statistics:
             pixel_sets = [images[: len(images) // 2] for images in held_out]
             held_out = [images[len(images) // 2 :] for images in held_out if len(images) > len(images) // 2]
@@ -392,7 +355,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
                 self.class_center[class_index], self.class_scale[class_index] = pooled_center, pooled_scale
                 continue
             if trend:
-                reference, slope = class_gains.median(), _robust_slope(class_gains, class_scores)
+                reference, slope = class_gains.median(), weighted_theil_sen_slope(class_gains, class_scores)
                 class_scores = class_scores - slope * (class_gains - reference)
                 self.gain_reference[class_index], self.gain_slope[class_index] = reference, slope
                 self.gain_low[class_index], self.gain_high[class_index] = class_gains.min(), class_gains.max()
@@ -404,50 +367,13 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
     @torch.no_grad()
     def _fit_pixel_statistics(self, images: torch.Tensor) -> None:
         """Per template: mean and spread of each normal map channel in the template frame, spread regularised."""
-        count = len(self.templates)
-        sums = squares = None
-        hits = torch.zeros(count, device=self.templates.device)
+        moments = MapMoments(groups=len(self.templates))
         for chunk in images.split(64):
             anomaly_map, template_index, pose, _ = self._channel_maps(chunk, use_pixel_stats=False)
-            aligned = to_reference_frame(anomaly_map, pose.angle, pose.shift)
-            if sums is None:
-                sums = aligned.new_zeros((count, *aligned.shape[1:]))
-                squares = torch.zeros_like(sums)
-            sums.index_add_(0, template_index, aligned)
-            squares.index_add_(0, template_index, aligned * aligned)
-            hits.index_add_(0, template_index, torch.ones_like(template_index, dtype=hits.dtype))
-        pooled_mean = sums.sum(0, keepdim=True) / hits.sum()
-        pooled_square = squares.sum(0, keepdim=True) / hits.sum()
-        weight = (hits / (hits + 5.0)).view(-1, 1, 1, 1)  # few hits: lean on the pooled maps
-        mean = weight * sums / hits.clamp_min(1).view(-1, 1, 1, 1) + (1 - weight) * pooled_mean
-        square = weight * squares / hits.clamp_min(1).view(-1, 1, 1, 1) + (1 - weight) * pooled_square
-        std = (square - mean * mean).clamp_min(0).sqrt()
-        floor = std.flatten(2).median(dim=2).values[..., None, None]  # per template and channel
-        self.pixel_mean = mean
-        self.pixel_std = std + floor + _MIN_SCALE
+            moments.add(to_reference_frame(anomaly_map, pose.angle, pose.shift), template_index)
+        self.pixel_stats.fit(moments)
 
     @staticmethod
     def _robust_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Median and a spread that survives a stray outlier: max(1.4826 MAD, std / 2), floored."""
-        center = scores.median()
-        mad = (scores - center).abs().median() * 1.4826
-        std = scores.std() if len(scores) > 1 else torch.zeros_like(center)
-        return center, torch.maximum(torch.maximum(mad, std / 2), torch.tensor(_MIN_SCALE, device=scores.device))
-
-
-def _robust_slope(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Straight-line slope that a few outliers do not bend: the median of all pairwise slopes, each weighted by
-    how far apart its two x lie (Sievers-Scholz weighting of Theil-Sen).
-
-    The weights matter when x comes in clusters (two lighting sessions): pairs from the same cluster have
-    nearly equal x, so their slopes are noise, and unweighted they would pull the median towards 0.
-    """
-    first, second = torch.triu_indices(len(x), len(x), offset=1, device=x.device)
-    run = x[second] - x[first]
-    weight = run.abs()
-    if float(weight.sum()) < 1e-6:  # every x equal: no trend to see
-        return torch.zeros((), device=x.device)
-    slopes = (y[second] - y[first]) / torch.where(weight > 0, run, torch.ones_like(run))
-    order = slopes.argsort()
-    cumulative = weight[order].cumsum(0)
-    return slopes[order][torch.searchsorted(cumulative, cumulative[-1] / 2)]
+        return robust_center_scale(scores, min_scale=_MIN_SCALE, std_fraction=0.5)

@@ -14,29 +14,33 @@ from typing import Any, Literal
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import AUROC, Evaluator, F1Score
+from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_ext.models.components import DEFAULT_BACKBONE, InterruptStatusMixin
-from anomalib_ext.models.components.export import ExportDefaultsMixin
-from anomalib_ext.models.components.memory_bank import ReservoirSampler
-from anomalib_ext.models.components.sizes import as_pair
+from anomalib_ext.models.components import (
+    DEFAULT_BACKBONE,
+    DEFAULT_LAYERS,
+    ExtModelMixin,
+    ImageSize,
+    InputNormalization,
+    image_metrics_evaluator,
+)
+from anomalib_ext.models.components.sampling import ReservoirSampler
 
 from .torch_model import TileOutlierModel
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["torch", "fastdup"]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# the default of ``input_normalization`` (one place to flip it)
+INPUT_NORMALIZATION: InputNormalization = "backbone"
 
 
-class TileOutlier(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, AnomalibModule):
+class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
     """Tile-outlier anomaly detection.
 
     Args:
@@ -47,14 +51,16 @@ class TileOutlier(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, An
         embed: ``pool`` (backbone once per image, features averaged over each tile) or ``crop`` (each tile
             resampled to ``crop_size`` and embedded on its own).
         backbone, layers, pre_trained: the offline timm backbone and the layers of the tile embedding.
+        input_normalization: how the torch model standardises the [0, 1] images for the backbone: ``backbone``
+            (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``) or ``imagenet``.
         crop_size: crop side for ``embed: crop`` (default: the largest tile side).
         position_aware: compare a tile only with bank tiles at the same or neighbouring grid positions.
-        neighbourhood: radius of those neighbouring positions.
+        neighborhood: radius of those neighbouring positions.
         num_neighbors: ``k`` nearest bank tiles averaged in the score ``1 - cosine similarity``.
         max_bank_size: cap on the bank's tiles, reached with a greedy k-center coreset.
         max_fit_tiles: cap on the tile embeddings kept while fitting (a uniform reservoir over images), so fit
             memory stops growing with the training set.
-        smoothing_sigma: Gaussian smoothing of the painted map in pixels.
+        map_sigma: Gaussian smoothing of the painted map in pixels.
         backend: ``torch`` (exportable) or ``fastdup`` (fastdup's model embeds the tiles; optional extra).
         fastdup_work_dir: where the fastdup backend writes tiles (default: a temporary directory).
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
@@ -62,21 +68,22 @@ class TileOutlier(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, An
 
     def __init__(
         self,
-        image_size: int | Sequence[int] = 256,
+        image_size: ImageSize = 256,
         num_parts: int | None = None,
         tile_size: int | None = 32,
         stride: int | None = 8,
         embed: Literal["pool", "crop"] = "pool",
         backbone: str = DEFAULT_BACKBONE,
-        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
+        layers: Sequence[str] = DEFAULT_LAYERS,
+        input_normalization: InputNormalization = INPUT_NORMALIZATION,
         pre_trained: bool = True,
         crop_size: int | None = None,
         position_aware: bool = True,
-        neighbourhood: int = 1,
+        neighborhood: int = 1,
         num_neighbors: int = 1,
         max_bank_size: int = 60_000,
         max_fit_tiles: int = 400_000,
-        smoothing_sigma: float = 4.0,
+        map_sigma: float = 4.0,
         backend: Backend = "torch",
         fastdup_work_dir: str | None = None,
         pre_processor: PreProcessor | bool = True,
@@ -84,16 +91,14 @@ class TileOutlier(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, An
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        size = as_pair(image_size)
         if backend not in ("torch", "fastdup"):
             msg = f"backend must be 'torch' or 'fastdup', got '{backend}'"
             raise ValueError(msg)
         if not isinstance(max_fit_tiles, int) or max_fit_tiles <= 0:
             msg = f"max_fit_tiles must be a positive integer, got {max_fit_tiles!r}"
             raise ValueError(msg)
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(size)
         super().__init__(
+            image_size=image_size,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
@@ -101,21 +106,22 @@ class TileOutlier(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, An
         )
         self.backend = backend
         self.model: TileOutlierModel = TileOutlierModel(
-            image_size=size,
+            image_size=self.image_size,
             num_parts=num_parts,
             tile_size=tile_size,
             stride=stride,
             embed=embed,
             backbone=backbone,
             layers=layers,
+            input_normalization=input_normalization,
             # the fastdup backend only borrows the grid, bank and scoring: no backbone weights needed
             pre_trained=pre_trained and backend == "torch",
             crop_size=crop_size,
             position_aware=position_aware,
-            neighbourhood=neighbourhood,
+            neighborhood=neighborhood,
             num_neighbors=num_neighbors,
             max_bank_size=max_bank_size,
-            smoothing_sigma=smoothing_sigma,
+            map_sigma=map_sigma,
         )
         self.max_fit_tiles = max_fit_tiles
         self._reservoir = self._new_reservoir()
@@ -124,38 +130,16 @@ class TileOutlier(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, An
             from .fastdup_backend import FastdupTileEmbedder  # optional extra: imported only when asked for
 
             self._fastdup = FastdupTileEmbedder(self.model.grid, work_dir=fastdup_work_dir)
-            self.model.external_embedder = lambda images: self._fastdup.embed(self._raw_images(images))
+            self.model.external_embedder = self._fastdup.embed  # the pre-processor leaves images in [0, 1]
 
     def _new_reservoir(self) -> ReservoirSampler:
         return ReservoirSampler(max(1, self.max_fit_tiles // self.model.grid.num_tiles))
 
     # ------------------------------------------------------------------------------------------ components
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to the fixed ``image_size`` and normalise with ImageNet statistics."""
-        return PreProcessor(
-            transform=Compose(
-                [
-                    Resize(image_size or (256, 256), antialias=True),
-                    Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
-                ]
-            )
-        )
-
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """Image AUROC and F1, pixel AUROC."""
-        return Evaluator(
-            test_metrics=[
-                AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-                F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
-                AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            ]
-        )
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        return PostProcessor()
+        """Image AUROC and F1 and pixel AUROC."""
+        return image_metrics_evaluator()
 
     @staticmethod
     def configure_optimizers() -> None:
@@ -171,12 +155,6 @@ class TileOutlier(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, An
         return LearningType.ONE_CLASS
 
     # ------------------------------------------------------------------------------------------- training
-    def _raw_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Undo the ImageNet normalisation: fastdup reads ordinary pictures."""
-        mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return (images * std + mean).clamp(0, 1)
-
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embed(images)
 
@@ -199,11 +177,6 @@ class TileOutlier(InterruptStatusMixin, ExportDefaultsMixin, MemoryBankMixin, An
         self._reservoir = self._new_reservoir()
 
     # ------------------------------------------------------------------------------------------ inference
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
-
     def forward(self, batch: torch.Tensor, *args, **kwargs) -> Any:  # noqa: ANN401
         if self._fastdup is not None:
             self._refuse_export()

@@ -13,12 +13,11 @@ import torch
 from anomalib.data import InferenceBatch
 from anomalib.models.components import DynamicBufferMixin
 from anomalib.models.components.feature_extractors import dryrun_find_featuremap_dims
-from anomalib.models.components.filters import GaussianBlur2d
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_ext.models.components import DEFAULT_BACKBONE, build_feature_extractor
-from anomalib_ext.models.components.memory_bank import greedy_coreset_indices, grouped_greedy_coreset_indices
+from anomalib_ext.models.components import GaussianBlur, InputNormalization, InputNormalizer, build_feature_extractor
+from anomalib_ext.models.components.sampling import greedy_coreset_indices, grouped_greedy_coreset_indices
 from anomalib_ext.models.components.tiling import TileGrid, paint_tile_scores
 
 EMBED_MODES = ("pool", "crop")
@@ -44,6 +43,9 @@ def build_tile_grid(
 class TileOutlierModel(DynamicBufferMixin, nn.Module):
     """Embed every tile, score it by ``1 - cosine`` similarity to its nearest normal tiles.
 
+    Takes raw [0, 1] images; the backbone's input normalisation happens inside. The arguments without a default
+    are ``TileOutlier``'s (documented there, with their defaults).
+
     Args:
         image_size: ``(H, W)`` of the (pre-processed) input; fixes the tile geometry.
         num_parts: ``N`` for an ``N x N`` grid of non-overlapping tiles.
@@ -52,31 +54,34 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
         embed: ``"pool"`` runs the backbone once and averages its feature maps over each tile;
             ``"crop"`` resamples each tile to ``crop_size`` and embeds it on its own.
         backbone: timm backbone name; layers: its feature layers used for the embedding.
+        input_normalization: ``backbone`` (the backbone's pretrained statistics) or ``imagenet``.
         crop_size: side of the resampled crops in ``embed="crop"`` (defaults to the largest tile side).
-        position_aware: compare a tile only with bank tiles at grid positions within ``neighbourhood``.
-        neighbourhood: radius, in grid positions, of the neighbours a position-aware tile is compared with.
+        position_aware: compare a tile only with bank tiles at grid positions within ``neighborhood``.
+        neighborhood: radius, in grid positions, of the neighbours a position-aware tile is compared with.
         num_neighbors: ``k``: the score is ``1 -`` the mean similarity of the ``k`` nearest bank tiles.
         max_bank_size: cap on the number of bank tiles (over all positions), reached by a k-center coreset.
-        smoothing_sigma: Gaussian smoothing of the painted map, in pixels (0 disables it).
+        map_sigma: Gaussian smoothing of the painted map, in pixels (0 disables it).
         tile_chunk: tiles processed at once when scoring or cropping, bounding memory.
     """
 
     def __init__(
         self,
-        image_size: tuple[int, int] = (256, 256),
-        num_parts: int | None = None,
-        tile_size: int | None = 32,
-        stride: int | None = 8,
-        embed: str = "pool",
-        backbone: str = DEFAULT_BACKBONE,
-        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
-        pre_trained: bool = True,
-        crop_size: int | None = None,
-        position_aware: bool = True,
-        neighbourhood: int = 1,
-        num_neighbors: int = 1,
-        max_bank_size: int = 60_000,
-        smoothing_sigma: float = 4.0,
+        *,
+        image_size: tuple[int, int],
+        num_parts: int | None,
+        tile_size: int | None,
+        stride: int | None,
+        embed: str,
+        backbone: str,
+        layers: Sequence[str],
+        input_normalization: InputNormalization,
+        pre_trained: bool,
+        crop_size: int | None,
+        position_aware: bool,
+        neighborhood: int,
+        num_neighbors: int,
+        max_bank_size: int,
+        map_sigma: float,
         tile_chunk: int = 256,
     ) -> None:
         super().__init__()
@@ -91,24 +96,25 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
             if not isinstance(value, int) or value <= 0:
                 msg = f"{name} must be a positive integer, got {value!r}"
                 raise ValueError(msg)
-        if not isinstance(neighbourhood, int) or neighbourhood < 0:
-            msg = f"neighbourhood must be a non-negative integer, got {neighbourhood!r}"
+        if not isinstance(neighborhood, int) or neighborhood < 0:
+            msg = f"neighborhood must be a non-negative integer, got {neighborhood!r}"
             raise ValueError(msg)
-        if smoothing_sigma < 0:
-            msg = f"smoothing_sigma must be >= 0, got {smoothing_sigma}"
+        if map_sigma < 0:
+            msg = f"map_sigma must be >= 0, got {map_sigma}"
             raise ValueError(msg)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.grid = build_tile_grid(self.image_size, num_parts, tile_size, stride)
         self.embed_mode = embed
         self.layers = list(layers)
         self.position_aware = position_aware
-        self.neighbourhood = neighbourhood if position_aware else 0
+        self.neighborhood = neighborhood if position_aware else 0
         self.num_neighbors = num_neighbors
         self.max_bank_size = max_bank_size
         self.tile_chunk = tile_chunk
         # replaces the backbone embedding (fastdup backend): a plain attribute, so never part of an export
         self.external_embedder: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+        self.normalize = InputNormalizer.for_backbone(backbone, input_normalization)
         self.feature_extractor = build_feature_extractor(backbone, self.layers, pre_trained=pre_trained)
         rows, cols = self.grid.shape
         if embed == "pool":
@@ -124,13 +130,13 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
         row_member, col_member = self.grid.painting_matrices()
         self.register_buffer("row_member", row_member, persistent=False)
         self.register_buffer("col_member", col_member, persistent=False)
-        self.blur = GaussianBlur2d(sigma=smoothing_sigma, channels=1) if smoothing_sigma > 0 else nn.Identity()
+        self.blur = GaussianBlur(map_sigma, truncate=4.0)
 
         # bank: (rows + 2r, cols + 2r, M, D) position-aware (zero padding outside the grid), else (M, D)
         self.memory_bank: torch.Tensor
         self.outside_grid: torch.Tensor
         self.register_buffer("memory_bank", torch.empty(0))
-        pad = self.neighbourhood
+        pad = self.neighborhood
         outside = torch.full((rows + 2 * pad, cols + 2 * pad), _OUTSIDE_GRID)
         outside[pad : pad + rows, pad : pad + cols] = 0
         self.register_buffer("outside_grid", outside if position_aware else torch.zeros(0), persistent=False)
@@ -156,7 +162,7 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
         return F.normalize(joined, dim=-1)
 
     def _embed_pool(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.feature_extractor(images)
+        features = self.feature_extractor(self.normalize(images))
         per_layer = []
         for index, layer in enumerate(self.layers):
             row_pool = getattr(self, f"row_pool_{index}")
@@ -175,13 +181,13 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
             sampling = self.crop_grid[:, start * crop : stop * crop].expand(batch, -1, -1, -1)
             crops = F.grid_sample(images, sampling, mode="bilinear", align_corners=False)  # (B, C, n*crop, crop)
             crops = crops.view(batch, images.shape[1], stop - start, crop, crop).transpose(1, 2)
-            features = self.feature_extractor(crops.reshape(-1, images.shape[1], crop, crop))
+            features = self.feature_extractor(self.normalize(crops.reshape(-1, images.shape[1], crop, crop)))
             per_layer = [features[layer].mean((2, 3)).view(batch, stop - start, -1) for layer in self.layers]
             embeddings.append(self._normalise_and_join(per_layer))
         return torch.cat(embeddings, 1).view(batch, rows, cols, -1)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, rows, cols, D)`` unit-norm tile embeddings."""
+        """``(B, rows, cols, D)`` unit-norm tile embeddings of raw [0, 1] images."""
         if self.external_embedder is not None:
             return self.external_embedder(images).to(images.device)
         return self._embed_pool(images) if self.embed_mode == "pool" else self._embed_crop(images)
@@ -195,7 +201,7 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
         batch, rows, cols, dim = embeddings.shape
         if self.position_aware:
             nearest = []
-            span = 2 * self.neighbourhood + 1
+            span = 2 * self.neighborhood + 1
             by_position = embeddings.permute(1, 2, 0, 3).reshape(rows * cols, batch, dim)
             for dy in range(span):
                 for dx in range(span):
@@ -242,7 +248,7 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
             grouped = embeddings.permute(1, 2, 0, 3).reshape(rows * cols, count, dim)
             picked = grouped_greedy_coreset_indices(grouped, per_position)  # (P, M)
             bank = torch.gather(grouped, 1, picked[..., None].expand(-1, -1, dim)).view(rows, cols, -1, dim)
-            pad = self.neighbourhood
+            pad = self.neighborhood
             self.memory_bank = F.pad(bank, (0, 0, 0, 0, pad, pad, pad, pad)).contiguous()
         else:
             flat = embeddings.reshape(-1, dim)

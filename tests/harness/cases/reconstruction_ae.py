@@ -12,7 +12,7 @@ def _build() -> Reconstruction:
         base_channels=16,
         num_downsamples=3,
         learning_rate=3e-3,
-        smoothing_sigma=1.0,
+        map_sigma=1.0,
     )
 
 

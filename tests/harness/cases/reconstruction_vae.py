@@ -13,7 +13,7 @@ def _build() -> Reconstruction:
         num_downsamples=3,
         learning_rate=3e-3,
         beta=1e-4,  # as configs/reconstruction/vae.yaml: 1e-3 blurs reconstructions towards the mean part
-        smoothing_sigma=1.0,
+        map_sigma=1.0,
     )
 
 

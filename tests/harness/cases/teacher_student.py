@@ -9,7 +9,7 @@ from tests.harness.case import ModelCase
 
 
 def _build() -> TeacherStudent:
-    return TeacherStudent(image_size=64, teacher_epochs=0, blur_sigma=1.0)
+    return TeacherStudent(image_size=64, teacher_epochs=0, map_sigma=1.0)
 
 
 CASE = ModelCase(name="teacher_student", build=_build, image_size=64, max_epochs=6)
