@@ -1,15 +1,85 @@
-"""``anomalib-ext``: anomalib's own CLI with our models registered, so short names work.
+"""``anomalib-ext``: anomalib's own CLI with our models registered, plus ``config`` to get the shipped configs.
 
 ``anomalib train --config`` already finds our models by full class path
 (``class_path: anomalib_ext.models.TileOutlier``). Short names (``--model TileOutlier``) need the class to be
 imported before jsonargparse resolves it; anomalib has no plugin entry point, so this wrapper imports
 ``anomalib_ext`` first and then hands over to anomalib's CLI unchanged (same subcommands, same flags).
+
+``anomalib-ext config list|show|path`` reads the configs that ship inside the package (a ``pip install``ed
+package has no ``configs/`` folder of its own): ``anomalib-ext config show tile_outlier/mvtec > my.yaml``.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
 
-def main() -> None:
+CONFIG_FOLDER = "configs"
+
+
+def config_root() -> Path:
+    """The package's ``configs`` folder, found without importing the package (which loads torch and anomalib)."""
+    spec = importlib.util.find_spec("anomalib_ext")
+    if spec is None or not spec.submodule_search_locations:
+        msg = "anomalib-ext config: error: the anomalib_ext package is not installed"
+        raise SystemExit(msg)
+    return Path(next(iter(spec.submodule_search_locations))) / CONFIG_FOLDER
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Every shipped config by name, ``<family>/<name>`` (e.g. ``tile_outlier/mvtec``)."""
+    root = config_root()
+    found: dict[str, Path] = {}
+    if not root.is_dir():
+        return found
+    for family in sorted(root.iterdir(), key=lambda entry: entry.name):
+        if not family.is_dir():
+            continue
+        for config in sorted(family.iterdir(), key=lambda entry: entry.name):
+            if config.name.endswith(".yaml"):
+                found[f"{family.name}/{config.name.removesuffix('.yaml')}"] = config
+    return found
+
+
+def _find_config(name: str) -> Path:
+    configs = shipped_configs()
+    key = name.removesuffix(".yaml")
+    if key not in configs:
+        msg = f"no shipped config '{name}'; available: {', '.join(configs) or 'none'}"
+        raise SystemExit(f"anomalib-ext config: error: {msg}")
+    return configs[key]
+
+
+def config_command(argv: list[str]) -> int:
+    """``anomalib-ext config list | show NAME | path NAME``."""
+    parser = argparse.ArgumentParser(
+        prog="anomalib-ext config",
+        description="The configs shipped with anomalib-ext. Set data.init_args.root to your dataset before training.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="list the shipped configs as <family>/<name>")
+    show = sub.add_parser("show", help="print a config (redirect it to a file to edit it)")
+    show.add_argument("name", help="<family>/<name>, e.g. tile_outlier/mvtec")
+    path = sub.add_parser("path", help="print where a shipped config lives (read-only inside site-packages)")
+    path.add_argument("name")
+    args = parser.parse_args(argv)
+    if args.action == "list":
+        for name in shipped_configs():
+            print(name)  # noqa: T201
+    elif args.action == "show":
+        sys.stdout.write(_find_config(args.name).read_text())
+    else:
+        print(_find_config(args.name))  # noqa: T201
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["config"]:
+        sys.exit(config_command(arguments[1:]))
+
     from anomalib.cli.cli import main as anomalib_main
 
     import anomalib_ext  # noqa: F401  (registers our models as AnomalibModule subclasses)

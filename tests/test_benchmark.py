@@ -418,6 +418,9 @@ def test_export_precisions_give_one_row_each_with_the_exported_models_auroc_and_
     assert float(int8["openvino_model_mb"]) < float(fp32["openvino_model_mb"])  # int8 weights
     table = (out / "results.md").read_text()
     assert "## OpenVINO exports" in table and "| synthetic-mvtec | padim | int8 |" in table
+    exports = json.loads((out / "cells" / "synthetic-mvtec__padim" / "seed0" / "result.json").read_text())
+    for export in exports["openvino_exports"]:  # where the time goes, per stage of the graph
+        assert sum(export["openvino_stage_ms"].values()) > 0, export["openvino_stage_ms"]
 
 
 @pytest.mark.parametrize("value", ["fp16", "fp32,fp32", ""])

@@ -65,7 +65,9 @@ def test_without_test_folder_sessions_are_held_out(small_dice: Path, tmp_path: P
     root = tmp_path / "no_test"
     shutil.copytree(small_dice / "train", root / "train")
     shutil.copytree(small_dice / "val", root / "val")
-    datamodule = Dice(root=root, holdout_sessions=["16_09_21"], test_split_ratio=0.5, num_workers=0, seed=0)
+    datamodule = Dice(
+        root=root, holdout_sessions=["16_09_21"], holdout_fraction=1.0, test_split_ratio=0.5, num_workers=0, seed=0
+    )
     datamodule.setup()
     test = datamodule.test_data.samples
     normals = test[test.label_index == 0]
@@ -105,12 +107,25 @@ def test_session_parsing() -> None:
 
 
 def test_real_dice_splits(real_data: Path) -> None:
-    datamodule = Dice(root=real_data / "dice", holdout_sessions=["16_09_21", "17_11_21"], num_workers=0, seed=0)
+    datamodule = Dice(root=real_data / "dice", holdout_fraction=1.0, num_workers=0, seed=0)  # strict cross-session
     tables = datamodule.split_samples()
     assert len(tables["train"]) + len(tables["val"]) + len(tables["test"]) == 6571 + 300
     assert set(tables["test"][tables["test"].label_index == 0].session) == {"16_09_21", "17_11_21"}
     png = tables["test"][tables["test"].label_index == 1].image_path.str.endswith(".png").sum()
     assert png == 28  # half of the 56 PNG anomalies: file type is stratified
+
+
+def test_real_dice_default_is_the_dice_protocol(real_data: Path) -> None:
+    """``Dice()``'s defaults are the one protocol (benchmark and configs): half of the dark sessions' normals."""
+    from anomalib_ext.data.dice import HOLDOUT_FRACTION, HOLDOUT_SESSIONS
+
+    assert (HOLDOUT_SESSIONS, HOLDOUT_FRACTION) == (("16_09_21", "17_11_21"), 0.5)
+    tables = Dice(root=real_data / "dice", num_workers=0, seed=0).split_samples()
+    test = tables["test"]
+    assert ((test.label_index == 0).sum(), (test.label_index == 1).sum()) == (745, 150)
+    assert set(test[test.label_index == 0].session) == set(HOLDOUT_SESSIONS)
+    dark_in_train = tables["train"].session.isin(HOLDOUT_SESSIONS).sum()
+    assert dark_in_train > 0  # the other half of those sessions trains: the set's own test split is drawn this way
 
 
 def test_holdout_fraction_keeps_part_of_the_session_for_training(small_dice: Path, tmp_path: Path) -> None:

@@ -315,3 +315,34 @@ def test_cli_fit_exports_a_loadable_generator(
     augment = HistAuGANAugment(export)
     assert augment.domain_names == ["plain", "tinted"]
     assert augment.image_size == IMAGE_SIZE
+
+
+def test_progress_bar_names_the_time_budget(two_domain_root: Path, tmp_path: Path) -> None:
+    """With ``max_time`` and a huge ``max_epochs`` (the configs), the bar says when the run ends, not 'of 1000'."""
+    from anomalib_ext.augment.histaugan.progress import TimeBudgetRichProgressBar, budget_description
+
+    datamodule = HistAuGANDataModule(two_domain_root, image_size=IMAGE_SIZE, batch_size=8, flip=False)
+    model = HistAuGAN(
+        num_domains=datamodule.num_domains,
+        image_size=IMAGE_SIZE,
+        base_channels=8,
+        discriminator_channels=8,
+        export_path=str(tmp_path / "generator.pt"),
+    )
+    trainer = Trainer(
+        max_epochs=1000,
+        max_time={"minutes": 10},
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule)
+    assert type(trainer.progress_bar_callback) is TimeBudgetRichProgressBar  # Lightning's default bar is rich's
+    description = budget_description(trainer)
+    assert description.startswith(f"Epoch {trainer.current_epoch} · ")
+    assert description.endswith("(max_time)") and " of 10:00 · ends in ~" in description, description
+    plain = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert budget_description(plain) == "Epoch 0"  # no budget: nothing invented

@@ -105,3 +105,12 @@ def test_command_line_status_and_install(tmp_path: Path) -> None:
     assert weights.main(["--cache", str(tmp_path), "install", "--model", ARCH]) == 0
     assert weights.status(ARCH, tmp_path) == "installed"
     assert weights.main(["--cache", str(tmp_path), "status"]) == 0
+
+
+@pytest.mark.parametrize("command", ["install", "status"])
+def test_cache_is_accepted_after_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """The README writes ``install [--model ...] [--cache DIR]``: that spelling must reach the same folder."""
+    arguments = [command, "--cache", str(tmp_path)] + (["--model", ARCH] if command == "install" else [])
+    assert weights.main(arguments) == 0
+    assert str(tmp_path) in capsys.readouterr().out
+    assert weights.status(ARCH, tmp_path) == ("installed" if command == "install" else "missing")

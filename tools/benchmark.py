@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --resume: rebuild results.csv/.md and plots from the finished cells, run nothing",
     )
+    parser.add_argument(
+        "--figures",
+        type=Path,
+        help="also write one figure per (dataset, model) into this folder: the normal and defective visualizer "
+        "images of its first seed (what the model READMEs open with)",
+    )
     parser.add_argument("--quick", action="store_true", help="synthetic MVTec-layout data, padim + dfm, small")
     parser.add_argument("--time-limit", type=float, default=1200.0, help="seconds per cell before it is killed")
     parser.add_argument("--image-size", type=int, help="resize side for every model (default: each model's own)")
@@ -279,7 +285,7 @@ def check_options(spec: DatasetSpec) -> None:
 def prepare_datasets(specs: list[DatasetSpec], seed: int) -> list[dict[str, Any]]:
     """Check every dataset (files and options) before any cell runs; dice splits are counted with ``Dice``.
 
-    A dice-layout dataset is ``anomalib_ext.data.Dice`` with the benchmark's protocol (``DICE_DEFAULTS``) and
+    A dice-layout dataset is ``anomalib_ext.data.Dice`` with its own protocol (``Dice``'s defaults) and
     the dataset's options: building its split here names a bad option or an empty split before any cell runs.
     """
     for spec in specs:
@@ -453,16 +459,17 @@ def main(argv: list[str] | None = None) -> int:
                 for key in RESULT_SETTINGS
                 if manifest["settings"].get(key) != settings.get(key)
             ]
-            if changed:
+            if changed and not args.report_only:  # a report runs nothing: it takes the run's own settings
                 msg = f"--resume {out}: settings differ from the original run ({'; '.join(changed)})"
                 raise SpecError(msg)
             manifest["settings"]["time_limit"] = settings["time_limit"]
             # more seeds on resume only add runs; fewer keep the runs already made
             manifest["settings"]["seeds"] = max(settings["seeds"], manifest["settings"].get("seeds", 1))
             settings = manifest["settings"]
-            manifest.setdefault("resumed", []).append(
-                {"command": command_line(argv), "at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M")}
-            )
+            if not args.report_only:
+                manifest.setdefault("resumed", []).append(
+                    {"command": command_line(argv), "at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M")}
+                )
         else:
             if not out.exists():
                 created_out = out
@@ -544,6 +551,10 @@ def run_cells(args: argparse.Namespace, out: Path, manifest: dict[str, Any]) -> 
         print(progress_line(index, len(cells), time.perf_counter() - started, cell_seconds), flush=True)
         report()
     rows = report()
+    if args.figures:
+        from benchmarking.figures import write_figures
+
+        print(f"figures: {len(write_figures(out, args.figures))} written to {args.figures}", flush=True)
     failed = [row for row in rows if row.get("status") != "ok"]
     print(f"done: {len(rows) - len(failed)} ok, {len(failed)} failed; see {out / 'results.md'}", flush=True)
     for row in failed:

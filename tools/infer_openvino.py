@@ -81,6 +81,15 @@ def iter_images(source: Path) -> Iterator[Path]:
         raise InferenceError(msg)
 
 
+OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+
+
+def output_name_of(output: ov.Output) -> str:
+    """The anomalib name of an output (an output may carry several tensor names, e.g. after a reshape)."""
+    names = output.get_names()
+    return next((name for name in OUTPUT_NAMES if name in names), min(names))
+
+
 class EdgeModel:
     """A compiled OpenVINO anomaly model; ``precision`` f32 gives the same answers as torch.
 
@@ -114,12 +123,15 @@ class EdgeModel:
         except RuntimeError as error:
             msg = f"{model_path}: OpenVINO cannot read this model: {error}"
             raise InferenceError(msg) from error
-        self.compiled = core.compile_model(model, device, config)
         shape = model.input(0).get_partial_shape()
         self.input_size = (
             (shape[2].get_length(), shape[3].get_length()) if shape[2].is_static and shape[3].is_static else None
         )
-        self.output_names = [next(iter(output.get_names())) for output in self.compiled.outputs]
+        if self.input_size is not None and shape[0].is_dynamic:
+            # one image per request: a static input lets OpenVINO plan every tensor once (faster than dynamic)
+            model.reshape({model.input(0): ov.PartialShape([1, shape[1].get_length(), *self.input_size])})
+        self.compiled = core.compile_model(model, device, config)
+        self.output_names = [output_name_of(output) for output in self.compiled.outputs]
 
     def requests(self) -> int:
         """How many inference requests the compiled model wants in flight (1 in latency mode)."""

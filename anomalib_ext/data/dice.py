@@ -44,6 +44,11 @@ from .duplicates import without_copies_of
 from .validation import IMAGE_SUFFIXES, check_dice_layout
 
 _SESSION = re.compile(r"(?<!\d)([0-3]\d_[01]\d_2\d)(?!\d)")  # dd_mm_yy, e.g. 16_09_21
+# The dice protocol (the benchmark's and the configs'): a plant's data shifts by acquisition session, so the test
+# normals are half of the two darker sessions (per class, seeded); the other half stays for training and validation,
+# which is how the set's own test split is drawn (mostly from these sessions, their other images in train).
+HOLDOUT_SESSIONS: tuple[str, ...] = ("16_09_21", "17_11_21")
+HOLDOUT_FRACTION = 0.5
 
 
 def session_from_path(image_path: str | Path) -> str:
@@ -147,9 +152,10 @@ class Dice(AnomalibDataModule):
         val_split_ratio: fraction of train normals (per class) moved to validation when ``val/`` exists.
         test_split_ratio: without ``test/``: fraction of ``val/`` anomalies (and of normals, if no
             ``holdout_sessions``) moved to the test split.
-        holdout_sessions: without ``test/``: acquisition dates whose normals form the test normals.
+        holdout_sessions: without ``test/``: acquisition dates whose normals form the test normals (default:
+            the two darker sessions of the real set, ``HOLDOUT_SESSIONS``; ``[]`` = a random ``test_split_ratio``).
         holdout_fraction: share (per class, seeded) of those sessions' normals moved to test; 1.0 = a strict
-            cross-session test, below 1 the rest of those sessions stays in train/validation.
+            cross-session test, below 1 the rest of those sessions stays in train/validation (default 0.5).
         val_sessions: acquisition dates whose training-pool normals provide the validation normals (a seeded,
             class-stratified ``val_split_ratio`` share of those sessions' normals); empty = every session.
             Validating on the sessions a plant will shift to puts the threshold where test normals will be.
@@ -168,8 +174,8 @@ class Dice(AnomalibDataModule):
         num_workers: int = 8,
         val_split_ratio: float = 0.2,
         test_split_ratio: float = 0.5,
-        holdout_sessions: Sequence[str] = (),
-        holdout_fraction: float = 1.0,
+        holdout_sessions: Sequence[str] = HOLDOUT_SESSIONS,
+        holdout_fraction: float = HOLDOUT_FRACTION,
         val_sessions: Sequence[str] = (),
         max_train_per_class: int | None = None,
         val_split_mode: ValSplitMode | str | None = None,

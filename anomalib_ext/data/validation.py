@@ -320,8 +320,54 @@ def check_mvtec_layout(
     for path in sorted(base.rglob("*")):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.suffix != path.suffix.lower():
             problems.append((path, f"upper-case extension '{path.suffix}': anomalib's MVTecAD skips it; rename it"))
+    if not problems:  # names and sizes are right: would anomalib's pairing by sort order agree?
+        problems += mvtec_mask_pairing_problems(base)
     if problems:
         raise DataValidationError(problems, context)
+
+
+def mvtec_mask_pairing_problems(base: Path, shown: int = 3) -> list[tuple[Path, str]]:
+    """Anomalous images that anomalib's MVTecAD would pair with another image's mask.
+
+    MVTecAD does not look masks up by name: it sorts the anomalous test images and the ``ground_truth`` files
+    by full path, zips the two lists, and only then checks that each image's stem is in its mask's stem
+    (``MisMatchError``). Unpadded numbers break it: ``anomaly-10_mask.png`` sorts before ``anomaly-1_mask.png``
+    while ``anomaly-1.png`` sorts before ``anomaly-10.png``.
+    """
+
+    def listed(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            return []
+        return sorted(
+            (path for path in folder.glob("*/*") if path.is_file() and path.suffix in IMAGE_SUFFIXES),
+            key=lambda path: str(path),
+        )
+
+    masks = listed(base / "ground_truth")
+    if not masks:
+        return []  # classification only: anomalib assigns no mask
+    images = [path for path in listed(base / "test") if path.parent.name != "good"]
+    if len(masks) != len(images):
+        return [
+            (
+                base / "ground_truth",
+                f"{len(masks)} mask files for {len(images)} anomalous test images: anomalib's MVTecAD pairs them "
+                "by sorted file name, one mask per anomalous image; remove extra files from ground_truth/",
+            )
+        ]
+    mismatched = [(image, mask) for image, mask in zip(images, masks, strict=True) if image.stem not in mask.stem]
+    problems = [
+        (
+            image,
+            f"anomalib's MVTecAD pairs masks with images in sorted file-name order and would give this image the mask "
+            f"{mask.relative_to(base)} (MisMatchError); name images and masks so that both sort alike, e.g. with "
+            "zero-padded numbers (anomaly-01.png ... anomaly-17.png and anomaly-01_mask.png ...)",
+        )
+        for image, mask in mismatched[:shown]
+    ]
+    if len(mismatched) > shown:
+        problems.append((base / "test", f"... and {len(mismatched) - shown} more images paired with another's mask"))
+    return problems
 
 
 def check_dice_layout(
@@ -393,6 +439,30 @@ def checked_datamodule(datamodule: Any, **kwargs: Any) -> Any:
     elif kind == "Folder":
         check_folder_datamodule(datamodule)
     return datamodule
+
+
+def listing_command(datamodule: Any) -> str:
+    """The command that lists every problem of ``datamodule``'s folders (for one-line error summaries)."""
+    kind = type(datamodule).__name__
+    root = getattr(datamodule, "root", None)
+    if kind == "Dice":
+        return f"python -m anomalib_ext.data.validation {root} --dice"
+    if hasattr(datamodule, "category") and kind != "Folder":
+        return f"python -m anomalib_ext.data.validation {root} --category {datamodule.category}"
+    return f"python -m anomalib_ext.data.validation {root}" if root is not None else ""
+
+
+def exit_on_bad_data(datamodule: Any, **kwargs: Any) -> None:
+    """Check ``datamodule``'s files before training; on a problem print one line and exit with status 2.
+
+    For training entry points (``anomalib train``): a zero-byte or truncated image otherwise surfaces minutes later
+    as a long traceback from inside a dataloader worker, often without the file's name.
+    """
+    try:
+        checked_datamodule(datamodule, **kwargs)
+    except DataValidationError as error:
+        print(f"error: {error.first_problem(listing_command(datamodule))}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(2) from None
 
 
 def _make_check_data() -> type:

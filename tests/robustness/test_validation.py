@@ -169,6 +169,10 @@ def test_mvtec_test_set_without_anomalies_or_normals(tmp_path: Path) -> None:
             shutil.rmtree(folder)
     with pytest.raises(DataValidationError, match="no anomalous images"):
         check_mvtec_layout(tmp_path, "synthetic")
+    # masks left without their images: anomalib fails with "Must have equal len keys and value"
+    with pytest.raises(DataValidationError, match="mask files for 0 anomalous test images"):
+        check_mvtec_layout(tmp_path, "synthetic", require_anomalies=False)
+    shutil.rmtree(base / "ground_truth")
     check_mvtec_layout(tmp_path, "synthetic", require_anomalies=False)
     shutil.rmtree(base / "test" / "good")
     with pytest.raises(DataValidationError, match="no normal images"):
@@ -206,3 +210,43 @@ def test_command_line_reports_and_exits_2(tmp_path: Path, capsys: pytest.Capture
     assert "not an image" in capsys.readouterr().err
     write_png(tmp_path / "ok" / "a.png", rgb_pattern())
     assert main([str(tmp_path / "ok")]) == 0
+
+
+def _numbered_anomalies(root: Path, category: str, width: int) -> Path:
+    """A dataset whose 11 ``scratch`` images and masks are ``anomaly-<n>`` (zero-padded to ``width`` digits)."""
+    from anomalib_ext.data.synthetic import make_mvtec_dataset
+
+    base = make_mvtec_dataset(
+        root, category=category, image_size=32, n_train=3, n_test_good=2, n_test_per_defect=11, defects=("scratch",)
+    )
+    images = sorted((base / "test" / "scratch").glob("*.png"))
+    masks = sorted((base / "ground_truth" / "scratch").glob("*_mask.png"))
+    assert len(images) == len(masks) == 11
+    for number, (image, mask) in enumerate(zip(images, masks, strict=True), start=1):
+        image.rename(image.with_name(f"anomaly-{number:0{width}d}.png"))
+        mask.rename(mask.with_name(f"anomaly-{number:0{width}d}_mask.png"))
+    return base
+
+
+def test_masks_paired_by_sort_order_are_caught_before_anomalib(tmp_path: Path) -> None:
+    """Every mask has its image's name, yet anomalib pairs by sorted order: ``anomaly-10`` breaks it."""
+    from anomalib.data import MVTecAD
+    from anomalib.data.errors import MisMatchError
+
+    base = _numbered_anomalies(tmp_path, "unpadded", width=1)
+    with pytest.raises(MisMatchError):  # what the user meets without the check
+        MVTecAD(root=tmp_path, category="unpadded", num_workers=0).setup()
+    with pytest.raises(DataValidationError) as caught:
+        check_mvtec_layout(tmp_path, "unpadded")
+    message = str(caught.value)
+    assert "sorted file-name order" in message and "zero-padded" in message
+    # sorted, anomaly-10 comes second among the images but anomaly-11_mask second among the masks
+    assert str(base / "test" / "scratch" / "anomaly-10.png") in message
+
+
+def test_zero_padded_numbers_pass_the_pairing_check(tmp_path: Path) -> None:
+    from anomalib.data import MVTecAD
+
+    _numbered_anomalies(tmp_path, "padded", width=2)
+    check_mvtec_layout(tmp_path, "padded")
+    MVTecAD(root=tmp_path, category="padded", num_workers=0).setup()

@@ -225,7 +225,8 @@ def export_table(rows: list[dict[str, Any]]) -> list[str]:
         "## OpenVINO exports: speed beside the backbone trunk, accuracy of the exported model",
         "",
         "Batch 1, f32 inference precision, the run's threads; the trunk (the model's timm backbone, features only, "
-        "up to its deepest layer) is timed just before the fp32 model, so their ratio is measured under one load. "
+        "up to its deepest layer) and the exports are timed interleaved, one call of each per image, so their "
+        "ratios are measured under one load. "
         "AUROCs are computed from the exported model's own outputs on every test image.",
         "",
         "| dataset | model | " + " | ".join(title for _, title, _ in EXPORT_COLUMNS) + " |",

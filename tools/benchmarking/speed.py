@@ -11,8 +11,8 @@ Exports come in two precisions (``--export-precision fp32,int8``): ``fp32`` is a
 ``int8`` is anomalib's ``INT8_PTQ`` (NNCF post-training quantisation calibrated on the validation images, with
 whatever the model keeps in floating point). Each export is scored on the whole test set by OpenVINO itself
 (:func:`openvino_accuracy`), and each model is timed beside the bare backbone trunk it is built on
-(:func:`trunk_speed`: the same timm backbone, features only, up to the model's deepest layer, exported the same
-way, same size, same threads, timed just before the model).
+(:func:`export_trunk`: the same timm backbone, features only, up to the model's deepest layer, exported the same
+way, same size, same threads), all timed interleaved (:func:`time_interleaved`) so their ratios share one load.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 
 WARMUP_CALLS = 2
 EXPORT_PRECISIONS = ("fp32", "int8")
+OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")  # an output may carry several names
 
 
 def load_average() -> float:
@@ -101,71 +102,156 @@ def export_openvino(
     )
 
 
-def compile_openvino(xml_path: Path, threads: int) -> Any:  # noqa: ANN401
-    """The IR compiled for the CPU: f32 inference precision (not the bf16 default), ``threads`` threads, latency."""
+def compile_openvino(model: Any, threads: int) -> Any:  # noqa: ANN401
+    """An IR (path or ``ov.Model``) compiled for the CPU: f32 inference precision (not the bf16 default),
+    ``threads`` threads, latency mode."""
     import openvino as ov
 
     config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    return ov.Core().compile_model(str(xml_path), "CPU", config)
+    return ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)
 
 
-def _batch_of(compiled: Any) -> int:  # noqa: ANN401
-    dimension = compiled.input(0).get_partial_shape()[0]
-    return dimension.get_length() if dimension.is_static else 1
+class OpenVinoRunner:
+    """One compiled IR (f32 inference, ``threads`` threads, latency mode, one request) and its inputs.
 
-
-def _outputs(compiled: Any, request: Any) -> dict[str, Any]:  # noqa: ANN401
-    return {next(iter(output.get_names())): request.get_tensor(output).data for output in compiled.outputs}
-
-
-def openvino_speed(xml_path: Path, images: Sequence[Any], threads: int) -> dict[str, Any]:
-    """The exported IR (f32 inference, ``threads`` threads) at batch size 1, one synchronous request.
-
+    With ``image_shape`` ``(C, H, W)`` a graph exported with dynamic axes (anomalib's default: a dynamic batch,
+    and dynamic H/W without ``--input_size``) is reshaped to that static input before compiling, as an edge
+    deployment does (``tools/infer_openvino.py``): OpenVINO's CPU plugin then plans every tensor once instead
+    of on every call (about 1.3x for TileOutlier). An input of another shape goes through the dynamic graph.
     Some graphs come out of the exporter with a static batch size (anomalib's Dfm: 2); those get the image
     repeated to fill the batch, and every image in the batch counts towards images/s.
     """
-    import numpy as np
 
-    xml_path = Path(xml_path)
-    compiled = compile_openvino(xml_path, threads)
-    request = compiled.create_infer_request()
-    batch = _batch_of(compiled)
-    arrays = [np.repeat(image.numpy()[None], batch, axis=0) for image in speed_inputs(images)]
+    def __init__(
+        self,
+        xml_path: Path,
+        threads: int,
+        score_output: str | None = "pred_score",
+        image_shape: Sequence[int] | None = None,
+    ) -> None:
+        import openvino as ov
 
-    def call(array: Any) -> float:  # noqa: ANN401
+        self.xml_path = Path(xml_path)
+        self.threads = threads
+        model = ov.Core().read_model(str(self.xml_path))
+        dimensions = model.input(0).get_partial_shape()
+        self.batch = dimensions[0].get_length() if dimensions[0].is_static else 1
+        self.static_shape = None
+        if image_shape is not None and dimensions.is_dynamic:
+            self.static_shape = (self.batch, *(int(size) for size in image_shape))
+            model.reshape({model.input(0): ov.PartialShape(list(self.static_shape))})
+        self.compiled = compile_openvino(model, threads)
+        self.request = self.compiled.create_infer_request()
+        self.score_output = score_output
+        self._dynamic: Any = None
+
+    def arrays(self, images: Sequence[Any]) -> list[Any]:
+        import numpy as np
+
+        return [np.repeat(image.numpy()[None], self.batch, axis=0) for image in speed_inputs(images)]
+
+    def outputs(self, array: Any) -> dict[str, Any]:  # noqa: ANN401
+        """Infer one input; the outputs by name (views into the request's tensors, valid until the next call)."""
+        compiled, request = self.compiled, self.request
+        if self.static_shape is not None and tuple(array.shape) != self.static_shape:
+            if self._dynamic is None:
+                self._dynamic = compile_openvino(self.xml_path, self.threads)
+            compiled = self._dynamic
+            request = self._dynamic.create_infer_request()
         request.infer(array)
-        return float(np.ravel(_outputs(compiled, request)["pred_score"])[0])
+        names = [output.get_names() for output in compiled.outputs]
+        return {
+            next((name for name in OUTPUT_NAMES if name in aliases), min(aliases)): request.get_tensor(output).data
+            for output, aliases in zip(compiled.outputs, names, strict=True)
+        }
 
-    timed = time_calls(call, arrays, images_per_call=batch)
-    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
-    size_bytes = sum(p.stat().st_size for p in xml_path.parent.glob("model.*") if p.suffix in (".xml", ".bin"))
+    def __call__(self, array: Any) -> float:  # noqa: ANN401
+        import numpy as np
+
+        if self.score_output is None:
+            self.request.infer(array)
+            return 0.0
+        return float(np.ravel(self.outputs(array)[self.score_output])[0])
+
+    def description(self) -> dict[str, Any]:
+        precision = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        files = self.xml_path.parent.glob(self.xml_path.stem + ".*")
+        return {
+            "openvino_threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
+            "openvino_inference_precision": getattr(precision, "to_string", lambda: str(precision))(),
+            "openvino_batch": self.batch,
+            "openvino_model_mb": sum(p.stat().st_size for p in files if p.suffix in (".xml", ".bin")) / 2**20,
+        }
+
+
+def stage_profile(runner: OpenVinoRunner, array: Any, repeats: int = 5) -> dict[str, float]:  # noqa: ANN401
+    """Milliseconds per call spent in each stage of the graph, from OpenVINO's per-operation counters.
+
+    A stage is the torch module an operation came from (our exports name every node after its module:
+    ``model.feature_extractor``, ``model``, ``post_processor``, ...); operations OpenVINO created itself when it
+    fused or reordered nodes carry no module and count as ``other``.
+    """
+    import openvino as ov
+
+    model = ov.Core().read_model(str(runner.xml_path))
+    if runner.static_shape is not None:
+        model.reshape({model.input(0): ov.PartialShape(list(runner.static_shape))})
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": runner.threads, "PERF_COUNT": True}
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    for _ in range(WARMUP_CALLS):
+        request.infer(array)
+    stages: dict[str, float] = {}
+    for _ in range(repeats):
+        request.infer(array)
+        for entry in request.profiling_info:
+            name = entry.node_name
+            stage = name.split("/", 1)[0] if "/" in name and not name.startswith("/") else "other"
+            stages[stage] = stages.get(stage, 0.0) + entry.real_time.total_seconds() * 1000 / repeats
+    return dict(sorted(stages.items(), key=lambda item: -item[1]))
+
+
+def time_interleaved(runners: dict[str, Any], images: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Time several runners on the same images, one call of each in turn per image, so that every runner meets
+    the same machine load: their ratios hold on a shared machine even when the absolute speeds do not.
+
+    Same warm-up as :func:`time_calls`; per runner: images/s, the scores, and the load average at the start.
+    """
+    import time as clock
+
+    inputs = {name: runner.arrays(images) for name, runner in runners.items()}
+    for name, runner in runners.items():
+        for array in inputs[name][:WARMUP_CALLS]:
+            runner(array)
+    load = load_average()
+    spent = dict.fromkeys(runners, 0.0)
+    scores: dict[str, list[float]] = {name: [] for name in runners}
+    for index in range(len(images)):
+        for name, runner in runners.items():
+            start = clock.perf_counter()
+            scores[name].append(runner(inputs[name][index]))
+            spent[name] += clock.perf_counter() - start
     return {
-        "openvino_images_per_s": timed["images_per_s"],
-        "openvino_threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
-        "openvino_inference_precision": getattr(precision, "to_string", lambda: str(precision))(),
-        "openvino_load_average_1min": timed["load_average_1min"],
-        "openvino_batch": batch,
-        "openvino_model_mb": size_bytes / 2**20,
-        "openvino_scores": timed["scores"],
+        name: {
+            "images_per_s": len(images) * runner.batch / spent[name],
+            "scores": scores[name],
+            "load_average_1min": load,
+        }
+        for name, runner in runners.items()
     }
 
 
-def openvino_accuracy(xml_path: Path, datamodule: Any, threads: int) -> dict[str, Any]:  # noqa: ANN401
-    """Image and pixel AUROC of the exported model itself (OpenVINO, f32 inference) on every test image."""
+def openvino_accuracy(runner: OpenVinoRunner, datamodule: Any) -> dict[str, Any]:  # noqa: ANN401
+    """Image and pixel AUROC of the exported model itself (the runner's compiled IR) on every test image."""
     import numpy as np
     import torch
     from anomalib.metrics import AUROC
 
     from benchmarking.cell import squeeze_map
 
-    compiled = compile_openvino(Path(xml_path), threads)
-    request = compiled.create_infer_request()
-    batch = _batch_of(compiled)
     scores, labels, maps, masks = [], [], [], []
     for data in datamodule.test_dataloader():
-        for index, image in enumerate(speed_inputs(data.image)):
-            request.infer(np.repeat(image.numpy()[None], batch, axis=0))
-            outputs = _outputs(compiled, request)
+        for index, array in enumerate(runner.arrays(data.image)):
+            outputs = runner.outputs(array)
             scores.append(float(np.ravel(outputs["pred_score"])[0]))
             labels.append(int(data.gt_label[index]))
             if "anomaly_map" in outputs and data.gt_mask is not None:
@@ -194,17 +280,16 @@ def trunk_layer(model: Any) -> tuple[str, str] | None:  # noqa: ANN401
     return None
 
 
-def trunk_speed(model: Any, images: Sequence[Any], threads: int, export_root: Path) -> dict[str, Any]:  # noqa: ANN401
-    """The bare backbone trunk (pretrained timm features only, up to the model's deepest layer), exported like the
-    model (ONNX opset 18 -> OpenVINO) at the model's input size and timed with the same routine and threads.
-    """
+def export_trunk(model: Any, image: Any, export_root: Path) -> tuple[Path, str] | None:  # noqa: ANN401
+    """The bare backbone trunk of ``model`` (pretrained timm features only, up to its deepest layer), exported like
+    the model (ONNX opset 18 -> OpenVINO) for ``image``'s size: ``(model.xml, "backbone:layer")``, or None."""
     import openvino as ov
     import torch
     from anomalib.models.components import TimmFeatureExtractor
 
     found = trunk_layer(model)
     if found is None:
-        return {"backbone_img_per_s": None, "backbone_layer": None}
+        return None
     backbone, layer = found
 
     class Trunk(torch.nn.Module):
@@ -215,22 +300,9 @@ def trunk_speed(model: Any, images: Sequence[Any], threads: int, export_root: Pa
         def forward(self, image: torch.Tensor) -> torch.Tensor:
             return self.extractor(image)[layer]
 
-    inputs = speed_inputs(images)
     export_root.mkdir(parents=True, exist_ok=True)
     onnx_path = export_root / "trunk.onnx"
     with torch.no_grad():
-        torch.onnx.export(Trunk(), (inputs[0][None],), str(onnx_path), opset_version=18, dynamo=True)
-    ov.save_model(ov.convert_model(onnx_path), export_root / "trunk.xml")
-    compiled = compile_openvino(export_root / "trunk.xml", threads)
-    request = compiled.create_infer_request()
-
-    def call(image: Any) -> float:  # noqa: ANN401
-        request.infer(image.numpy()[None])
-        return 0.0
-
-    timed = time_calls(call, inputs)
-    return {
-        "backbone_img_per_s": timed["images_per_s"],
-        "backbone_layer": f"{backbone}:{layer}",
-        "backbone_load_average_1min": timed["load_average_1min"],
-    }
+        torch.onnx.export(Trunk(), (speed_inputs([image])[0][None],), str(onnx_path), opset_version=18, dynamo=True)
+    ov.save_model(ov.convert_model(onnx_path), export_root / "model.xml")
+    return export_root / "model.xml", f"{backbone}:{layer}"

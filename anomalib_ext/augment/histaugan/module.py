@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.callbacks import Callback
 
 from .checkpoint import save_generator
 from .losses import (
@@ -26,6 +27,7 @@ from .losses import (
     reparameterize,
 )
 from .networks import ContentDiscriminator, HistAuGANGenerator, ImageDiscriminator
+from .progress import time_budget_bar
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,11 @@ class HistAuGAN(LightningModule):
                 msg = f"the datamodule has {len(names)} domains but the model was built for {self.hparams.num_domains}"
                 raise ValueError(msg)
             self.domain_names = list(names)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Replace Lightning's bar with one that names the ``max_time`` budget (configs end on time, not epochs)."""
+        bar = time_budget_bar(self._trainer.progress_bar_callback if self._trainer is not None else None)
+        return [bar] if bar is not None else []
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = (0.5, 0.999)

@@ -78,8 +78,15 @@ class Dfkdm(ExtModelMixin, AnomalibModule):
         max_training_points: cap on the points the density is fitted on (random, seeded sample).
         calibrate: scores in [0, 1] instead of the raw negative log density.
         map_sigma: smoothing of the residual map in pixels (autoencoder mode).
+        check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
+            bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
     """
+
+    def quantized_modules(self) -> tuple[str, ...]:
+        """INT8_PTQ quantises the feature network only: the backbone, or the LAKE autoencoder. Pooling, scaling,
+        PCA, the density and the calibration stay in float (README, "Export and INT8")."""
+        return ("model.feature_extractor",) if self.feature_source == "backbone" else ("model.autoencoder",)
 
     def __init__(
         self,
@@ -107,6 +114,7 @@ class Dfkdm(ExtModelMixin, AnomalibModule):
         max_training_points: int = 2000,
         calibrate: bool = False,
         map_sigma: float = 4.0,
+        check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -114,13 +122,7 @@ class Dfkdm(ExtModelMixin, AnomalibModule):
     ) -> None:
         if pre_processor is True and feature_source == "autoencoder":
             pre_processor = self.configure_pre_processor(image_size, InterpolationMode.NEAREST)
-        super().__init__(
-            image_size=image_size,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(image_size, check_data, pre_processor, post_processor, evaluator, visualizer)
         self.feature_source = feature_source
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay

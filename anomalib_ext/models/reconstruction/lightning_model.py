@@ -51,10 +51,16 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
         normalize_map: standardise each map pixel by the mean and spread of the training images' maps there
             (collected during each training epoch from the reconstructions the loss already computed).
         learning_rate, weight_decay: Adam settings.
+        check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
+            bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: as in every anomalib model. The default
             pre-processor only resizes (nearest neighbour) and does not normalise: the network reconstructs
             raw [0, 1] intensities through a sigmoid.
     """
+
+    # INT8_PTQ quantises the autoencoder (encoder and decoder); the SSIM residual map, its blur, the per-pixel
+    # standardisation and the top-k score stay in float (README, "Export and INT8")
+    int8_modules: ClassVar[tuple[str, ...]] = ("model.autoencoder",)
 
     default_image_size: ClassVar[tuple[int, int]] = (128, 128)
     # nearest neighbour keeps thin defects sharp, and no Normalize: the sigmoid output lives in [0, 1]
@@ -78,18 +84,13 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
         normalize_map: bool = True,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
+        check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(image_size, check_data, pre_processor, post_processor, evaluator, visualizer)
         if learning_rate <= 0:
             msg = f"Reconstruction: learning_rate must be > 0, got {learning_rate}"
             raise ValueError(msg)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib import LearningType
@@ -74,7 +74,14 @@ class TeacherStudent(ExtModelMixin, AnomalibModule):
         samples_per_epoch: training samples (the template, then its variations) per epoch in single-template
             mode.
         image_size: side (or (height, width)) the default pre-processor resizes to.
+        check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
+            bad one (``False`` skips the check).
+        pre_processor, post_processor, evaluator, visualizer: as in every anomalib model.
     """
+
+    # INT8_PTQ quantises the teacher's and the student's convolutions (and the 1x1 projections); the cosine map,
+    # its blur and the top-k score stay in float (README, "Export and INT8")
+    int8_modules: ClassVar[tuple[str, ...]] = ("model.teacher", "model.student", "model.projections")
 
     def __init__(
         self,
@@ -102,18 +109,13 @@ class TeacherStudent(ExtModelMixin, AnomalibModule):
         single_template: str | None = None,
         samples_per_epoch: int = 64,
         image_size: ImageSize = 256,
+        check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(image_size, check_data, pre_processor, post_processor, evaluator, visualizer)
         if teacher_epochs < 0:
             msg = f"teacher_epochs must be >= 0, got {teacher_epochs}"
             raise ValueError(msg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib import LearningType
@@ -67,8 +67,14 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
             score expected at each image's lighting; the gain is clamped to the range the held-out normals cover.
         image_size: pre-processor resize, ``H`` or ``(H, W)``, when ``pre_processor`` is ``True`` (default 256).
         seed: seed of the reservoir sampling and splits.
+        check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
+            bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: as in every anomalib model.
     """
+
+    # INT8_PTQ leaves the whole graph in float: it has no learnt convolution, and the pose search, SSIM and the
+    # per-class score normalisation compare small differences that 8 bits would move (README, "Export and INT8")
+    int8_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -91,18 +97,13 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         gain_trend: bool = False,
         image_size: ImageSize | None = None,
         seed: int = 0,
+        check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(image_size, check_data, pre_processor, post_processor, evaluator, visualizer)
         if num_templates < 1 or templates_per_class < 1:
             msg = f"TemplateSsim: num_templates and templates_per_class must be >= 1, got {num_templates}, "
             msg += f"{templates_per_class}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from anomalib import LearningType
@@ -63,8 +63,14 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         map_sigma: Gaussian smoothing of the painted map in pixels.
         backend: ``torch`` (exportable) or ``fastdup`` (fastdup's model embeds the tiles; optional extra).
         fastdup_work_dir: where the fastdup backend writes tiles (default: a temporary directory).
+        check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
+            bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
     """
+
+    # INT8_PTQ quantises the backbone convolutions only; tile pooling, the nearest-neighbour search over the bank,
+    # painting and blurring the map stay in float (README, "Export and INT8")
+    int8_modules: ClassVar[tuple[str, ...]] = ("model.feature_extractor",)
 
     def __init__(
         self,
@@ -86,6 +92,7 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         map_sigma: float = 4.0,
         backend: Backend = "torch",
         fastdup_work_dir: str | None = None,
+        check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -97,13 +104,7 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         if not isinstance(max_fit_tiles, int) or max_fit_tiles <= 0:
             msg = f"max_fit_tiles must be a positive integer, got {max_fit_tiles!r}"
             raise ValueError(msg)
-        super().__init__(
-            image_size=image_size,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(image_size, check_data, pre_processor, post_processor, evaluator, visualizer)
         self.backend = backend
         self.model: TileOutlierModel = TileOutlierModel(
             image_size=self.image_size,
