@@ -155,7 +155,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "learning_rate": args.learning_rate,
     }
     try:  # the benchmark's builder: one way to build a model in tools/
-        model = build_model({"class_path": "anomalib_ext.models.Reconstruction", "init_args": init_args})
+        model = build_model(  # the layout check above read every file
+            {"class_path": "anomalib_ext.models.Reconstruction", "init_args": init_args}, data_checked=True
+        )
     except ValueError as error:
         raise UsageError(str(error)) from None
     datamodule = MVTecAD(

@@ -52,12 +52,15 @@ def instantiate(value: Any) -> Any:
     return value
 
 
-def build_model(model_spec: dict[str, Any], image_size: int | None = None, seed: int | None = None):  # noqa: ANN201
+def build_model(  # noqa: ANN201
+    model_spec: dict[str, Any], image_size: int | None = None, seed: int | None = None, data_checked: bool = False
+):
     """The one model builder (benchmark, ``tools/train.py``, ``tools/demo.py``).
 
     ``model_spec`` holds ``class_path`` and ``init_args`` (nested ``{class_path, init_args}`` are built too).
     With ``image_size`` set the model gets a pre-processor resizing to that size; with ``seed`` set it reaches
     the model's own ``seed`` argument (TemplateSsim's and TileOutlier's samplers) unless the spec sets one.
+    ``data_checked``: the caller already read every file of the data, so our models skip their own check.
     """
     import anomalib_ext  # noqa: F401  (registers our models with anomalib)
     from anomalib_ext.weights import ensure_pretrained
@@ -77,6 +80,8 @@ def build_model(model_spec: dict[str, Any], image_size: int | None = None, seed:
             init_args["pre_processor"] = cls.configure_pre_processor(image_size=(image_size, image_size))
     if seed is not None and "seed" in parameters and "seed" not in init_args:
         init_args["seed"] = seed
+    if data_checked and "check_data" in parameters and "check_data" not in init_args:
+        init_args["check_data"] = False  # the caller read every file already: no second pass per model
     return cls(**init_args)
 
 
@@ -407,7 +412,7 @@ def run_cell(spec_path: Path) -> int:
         torch.set_num_threads(settings["threads"])
         seed_everything(seed, workers=True)
         image_size = spec["dataset"]["options"].get("image_size", settings["image_size"])
-        model = build_model(spec["model"], image_size, seed)
+        model = build_model(spec["model"], image_size, seed, data_checked=True)  # check_dataset ran in the parent
         datamodule = build_datamodule(spec["dataset"], seed, settings["batch_size"], settings["val_split"])
         setup_datamodule(datamodule, seed, spec["model"], spec["dataset"])
         # --max-epochs bounds every model: a config asking for more epochs is capped to it
