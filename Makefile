@@ -40,9 +40,13 @@ fastdup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
+# One pytest worker per core, at most 4 (each worker holds torch and a few trained models: about 2 GB), whole test
+# files per worker (their module fixtures train once); tests/conftest.py shares the cores' threads among workers.
+TEST_WORKERS ?= $(shell python3 -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
+
 test: $(DEV_STAMP)
 	$(BIN)/ruff check anomalib_ext tools tests
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check anomalib_ext tools tests

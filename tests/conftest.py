@@ -10,6 +10,24 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a hub
 os.environ.setdefault("SENTRY_OPT_OUT", "1")
 
+
+def _share_cores_among_workers() -> None:
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker gets its share of the cores, in this
+    process and in the processes it starts (CLI runs, the benchmark's cells): N workers with all cores each would
+    fight over them and run slower than one."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    os.environ.setdefault("OMP_NUM_THREADS", share)
+    os.environ.setdefault("MKL_NUM_THREADS", share)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_cores_among_workers()
+
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +10,14 @@ import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
 
 from anomalib_ext.data.synthetic import make_mvtec_dataset
 from anomalib_ext.models import TeacherStudent
 from anomalib_ext.models.teacher_student.anomaly_map import cosine_anomaly_map
 
 IMAGE_SIZE = 64
+CONFIG = Path(__file__).parents[1] / "anomalib_ext" / "configs" / "teacher_student" / "mvtec.yaml"
 
 
 def test_cosine_map_is_zero_where_features_agree_and_combines_by_mode() -> None:
@@ -104,3 +107,56 @@ def test_single_template_trains_both_stages_and_localises_planted_defects(synthe
         near = torch.nn.functional.max_pool2d(mask, kernel_size=7, stride=1, padding=3).flatten() > 0
         hits.append(bool(near[flat_map.argmax()]))
     assert np.mean(hits) >= 0.6, f"hottest pixel on the defect in only {np.mean(hits):.0%} of defective images"
+
+
+def test_config_budget_is_machine_independent_and_matches_the_defaults() -> None:
+    """The shipped config ends after a number of epochs (never a wall-clock budget, whose result would depend on
+    the machine's speed) and, like the class, does not fine-tune the teacher (measured worse on bottle)."""
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    trainer = config["trainer"]
+    assert trainer["max_epochs"] > 0
+    assert "max_time" not in trainer
+    init_args = config["model"]["init_args"]
+    defaults = inspect.signature(TeacherStudent).parameters
+    assert init_args["teacher_epochs"] == defaults["teacher_epochs"].default == 0, "teacher fine-tuning is off"
+
+
+def test_default_training_is_reproducible_and_keeps_the_imagenet_teacher(synthetic_root: Path, tmp_path: Path) -> None:
+    """Same seed, same model: two default runs give identical scores, and the default teacher is never changed
+    (teacher fine-tuning is off by default), so the student copies ImageNet features."""
+
+    def fit_and_score(run: str) -> tuple[torch.Tensor, bool, bool]:
+        seed_everything(0)
+        model = TeacherStudent(image_size=IMAGE_SIZE, map_sigma=1.0, evaluator=False, visualizer=False)
+        teacher_before = [p.detach().clone() for p in model.model.teacher.parameters()]
+        student_before = [p.detach().clone() for p in model.model.student.parameters()]
+        datamodule = MVTecAD(
+            root=synthetic_root, category="synthetic", train_batch_size=4, eval_batch_size=8, num_workers=0, seed=0
+        )
+        engine = Engine(
+            max_epochs=1,
+            default_root_dir=tmp_path / run,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+        )
+        engine.fit(model=model, datamodule=datamodule)
+        teacher_kept = all(
+            torch.equal(a, b) for a, b in zip(teacher_before, model.model.teacher.parameters(), strict=True)
+        )
+        student_trained = any(
+            not torch.equal(a, b) for a, b in zip(student_before, model.model.student.parameters(), strict=True)
+        )
+        model.model.eval()
+        with torch.no_grad():
+            scores = model.model(next(iter(datamodule.test_dataloader())).image).pred_score
+        return scores, teacher_kept, student_trained
+
+    first, teacher_kept, student_trained = fit_and_score("first")
+    second, _, _ = fit_and_score("second")
+    assert teacher_kept, "the default run changed the ImageNet teacher"
+    assert student_trained, "the student did not train"
+    assert torch.equal(first, second), f"same seed, different scores: {first} vs {second}"

@@ -45,8 +45,10 @@ def test_train_runs_end_to_end_and_writes_a_loadable_checkpoint(
     summary = json.loads(checkpoint.with_suffix(".json").read_text())
     assert summary["model"] == "vae"
     assert summary["num_downsamples"] == 3  # 64 px -> 8 px bottleneck grid
-    assert 0.0 <= summary["test"]["pixel_AUROC"] <= 1.0
-    assert 0.0 <= summary["test"]["image_AUROC"] <= 1.0
+    # two epochs already localise the planted defects (measured 0.99 / 0.99); an untrained or scrambled
+    # autoencoder's residual is noise everywhere and lands near 0.5
+    assert summary["test"]["pixel_AUROC"] >= 0.9
+    assert summary["test"]["image_AUROC"] >= 0.85
     model = Reconstruction.load_from_checkpoint(checkpoint, map_location="cpu").eval()
     assert model.model.variant == "vae"
     with torch.no_grad():

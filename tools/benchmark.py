@@ -52,6 +52,7 @@ MANIFEST = "benchmark.json"
 RESULT_SETTINGS = (
     *("image_size", "max_epochs", "seed", "batch_size", "speed_images", "openvino", "quick", "threads"),
     *("val_split", "val_draws", "speed_only", "study", "train_counts", "augmented_views", "export_precisions"),
+    *("devices", "strategy"),
 )
 EXIT_FAILED_CELLS = 1  # some cell failed or timed out (its row says why)
 EXIT_USAGE = 2  # bad arguments or data: nothing ran
@@ -142,9 +143,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU threads for torch and OpenVINO in each cell (default 1: on a shared machine more threads "
         "spin-wait and distort every speed)",
     )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="fit each cell on N CPU processes with Lightning DDP (default 1); test, speed and export then run on "
+        "the fitted model in the cell process, so results compare across N. results.csv gets the fit's peak RSS "
+        "of every process (fit_peak_rss_mb_per_process)",
+    )
+    parser.add_argument(
+        "--strategy",
+        default="ddp_spawn",
+        help="Lightning strategy for --devices > 1 (default ddp_spawn: the processes start inside the cell)",
+    )
     parser.add_argument("--run-cell", type=Path, help=argparse.SUPPRESS)  # internal: child process entry point
     args = parser.parse_args(argv)
-    for name in ("time_limit", "max_epochs", "batch_size", "speed_images", "threads", "seeds", "val_draws"):
+    for name in ("time_limit", "max_epochs", "batch_size", "speed_images", "threads", "seeds", "val_draws", "devices"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.image_size is not None and args.image_size < 32:
@@ -214,6 +228,8 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "study": args.study,
         "train_counts": sorted(args.train_counts) if args.study == "scaling" else [],
         "augmented_views": args.augmented_views if args.study == "augmentation" else None,
+        "devices": args.devices,
+        "strategy": args.strategy if args.devices > 1 else None,
     }
 
 
@@ -416,12 +432,21 @@ def header_lines(manifest: dict[str, Any]) -> list[str]:
         f"- Settings: image size {settings['image_size'] or 'model default'}, max epochs "
         f"{settings['max_epochs']} (gradient models), speed on {settings['speed_images']} test images at "
         f"batch size 1 with {settings['threads']} CPU thread(s) for torch and OpenVINO, time limit "
-        f"{settings['time_limit']:.0f} s per cell; each speed is reported with the load average when it was timed",
+        f"{settings['time_limit']:.0f} s per cell; each speed is reported with the load average when it was timed"
+        + (
+            f"; fit on {settings['devices']} CPU processes ({settings.get('strategy')}, results.csv: "
+            "fit_peak_rss_mb_per_process)"
+            if settings.get("devices", 1) > 1
+            else ""
+        ),
         f"- Seeds: {settings['seed']}..{settings['seed'] + settings.get('seeds', 1) - 1}"
         + (f"; {settings['val_draws']} synthetic validation draws per run" if settings.get("val_draws", 1) > 1 else "")
         + (f"; study: {settings['study']}" if settings.get("study") else "")
         + ("; speed only (no test metrics)" if settings.get("speed_only") else ""),
-        "- Image F1 uses the threshold the PostProcessor chose on the validation split (never the test split); "
+        "- Image F1 uses the threshold the PostProcessor chose on the validation split (never the test split; ours "
+        "clamp the F1-optimal one into the normal validation scores' window, docs/thresholds.md); the same run's "
+        "raw scores also give the F1 of the plain F1-optimal validation threshold (anomalib's rule) and of the best "
+        "threshold on the test images (anomalib's same_as_test protocol: optimistic, not a deployable F1); "
         "peak RSS is the cell process's max resident memory (fit, test, export and OpenVINO inference)"
         if settings.get("val_split", "synthetic") == "synthetic"
         else "- **--val-split same_as_test: thresholds were picked on the TEST images** (anomalib's MVTecAD default); "
@@ -454,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         if resuming:
             manifest = json.loads(manifest_path.read_text())
             manifest["settings"].setdefault("export_precisions", ["fp32"])  # runs from before the option
+            manifest["settings"].setdefault("devices", 1)  # runs from before --devices
+            manifest["settings"].setdefault("strategy", None)
             changed = [
                 f"{key}: was {manifest['settings'].get(key)!r}, now {settings.get(key)!r}"
                 for key in RESULT_SETTINGS

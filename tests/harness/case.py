@@ -15,9 +15,11 @@ class ModelCase:
 
     ``build`` returns a fresh, untrained model sized for tiny synthetic data (64-128 px, a few dozen images,
     few epochs). ``dataset`` picks the synthetic data: ``"mvtec"`` (object with scratches, spots, missing
-    parts, colour changes) or ``"dice"`` (dice layout). The harness trains it through ``Engine``, tests it,
-    checks planted defects outscore normal images, exports to OpenVINO and compares with torch, and
-    reloads the checkpoint.
+    parts, colour changes) or ``"dice"`` (dice layout). The harness trains it through ``Engine`` (thresholds
+    picked on a validation split that holds no test image), tests it, checks planted defects outscore normal
+    images, that the predicted labels beat flagging everything (also when the validation anomalies are made much
+    easier or much harder than the test defects) and that the map peaks on the planted region, exports to
+    OpenVINO and compares with torch, and reloads the checkpoint.
     """
 
     name: str
@@ -28,6 +30,11 @@ class ModelCase:
     # fraction of defect images that must score above every normal test image
     min_separated_fraction: float = 0.8
     min_image_auroc: float = 0.95
+    # fraction of defect images whose anomaly map peaks on the planted region (models with a map)
+    min_peak_in_defect_fraction: float = 0.75
+    # the fooling test (thresholds from misleading validation anomalies beat flagging everything) needs a model
+    # that ranks most defects above the normal images; ``False`` for a case trained too briefly for that
+    threshold_fooling_test: bool = True
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     exportable: bool = True
     # extra arguments for Engine.export (our models need none; anomalib's built-ins need opset 18 here)

@@ -1,5 +1,7 @@
-"""Every model: constant, duplicated, tiny, mixed-mode images give finite scores and maps (no NaN, no /0);
-two runs with the same seed give the same metrics; the exported OpenVINO model agrees with torch on real images.
+"""Every model: constant, duplicated, tiny, mixed-mode images give finite scores and maps (no NaN, no /0) and
+never flag a normal image; two runs with the same seed give the same metrics; the exported OpenVINO model (f32
+and INT8) agrees with torch on real images, compared on the raw scores and maps (before normalisation and
+clamping, which would turn most real-image scores into 1.0 on both sides).
 
 Models are picked up from ``anomalib_ext.models.__all__`` as they land (cheapest settings from the harness
 cases). The harness already checks OpenVINO parity on synthetic data and the checkpoint round trip.
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from tests.harness.case import ModelCase
-from tests.harness.runner import load_images
+from tests.harness.runner import load_images, raw_outputs
 from tests.robustness.models import cheapest_cases, datamodule, engine, write_constant_dataset
 
 CASES = cheapest_cases()
@@ -33,7 +35,7 @@ def _fit_and_predict(case: ModelCase, data_root: Path, category: str, workdir: P
     run.fit(model=model, datamodule=data)
     metrics = run.test(model=model, datamodule=data, verbose=False)[0]
     predictions = run.predict(model=model, dataloaders=data.test_dataloader())
-    return model, run, metrics, predictions
+    return model, run, metrics, predictions, data
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +54,19 @@ def tiny_mvtec(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_constant_duplicate_tiny_images_give_finite_outputs(case: ModelCase, constant_root: Path, tmp_path) -> None:
-    _, _, metrics, predictions = _fit_and_predict(case, constant_root, "constant", tmp_path)
+    _, _, metrics, predictions, _ = _fit_and_predict(case, constant_root, "constant", tmp_path)
     for name, value in metrics.items():
         assert np.isfinite(float(value)), f"{case.name}: metric {name} = {value} on constant images"
     for batch in predictions:
         assert torch.isfinite(batch.pred_score).all(), f"{case.name}: scores {batch.pred_score.flatten().tolist()}"
         if batch.anomaly_map is not None:
             assert torch.isfinite(batch.anomaly_map).all(), f"{case.name}: anomaly map has NaN/inf"
+    # the normal test images are the very training image: flagging one means the threshold or score is broken
+    scores = torch.cat([batch.pred_score.flatten() for batch in predictions])
+    labels = torch.cat([batch.gt_label.flatten() for batch in predictions])
+    flagged = torch.cat([batch.pred_label.flatten() for batch in predictions])
+    assert not flagged[labels == 0].any(), f"{case.name}: a copy of the training image is flagged ({scores.tolist()})"
+    assert scores[labels == 1].min() > scores[labels == 0].max(), f"{case.name}: a defect scores no higher than normal"
 
 
 @pytest.fixture(scope="module", params=CASES, ids=IDS)
@@ -69,8 +77,8 @@ def seeded_run(request, tiny_mvtec: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 def test_same_seed_gives_same_metrics_and_predictions(seeded_run, tiny_mvtec: Path, tmp_path: Path) -> None:
-    case, (_, _, metrics_a, predictions_a) = seeded_run
-    _, _, metrics_b, predictions_b = _fit_and_predict(case, tiny_mvtec, "synthetic", tmp_path)
+    case, (_, _, metrics_a, predictions_a, _) = seeded_run
+    _, _, metrics_b, predictions_b, _ = _fit_and_predict(case, tiny_mvtec, "synthetic", tmp_path)
     assert metrics_a.keys() == metrics_b.keys()
     for name in metrics_a:
         assert float(metrics_a[name]) == pytest.approx(float(metrics_b[name]), abs=1e-6), f"{case.name}: {name}"
@@ -91,39 +99,102 @@ def _real_images(real_data: Path) -> list[Path]:
     return [path for group in picks for path in group]
 
 
-def test_openvino_matches_torch_on_real_images(seeded_run, real_data: Path, tmp_path: Path, request) -> None:
-    """Scores, maps (max abs diff < 1e-3 after the exported post-processing) and labels identical on real data."""
-    from anomalib.deploy import ExportType, OpenVINOInferencer
+def _export_raw(model, run, datamodule, case: ModelCase, precision: str, export_root: Path) -> Path:  # noqa: ANN001
+    """Export with the post-processor's normalisation off: the graph's scores and maps are the raw ones (the
+    normalised graph is compared in the harness, on synthetic data)."""
+    from anomalib.deploy import CompressionType, ExportType
 
-    case, (model, run, _, _) = seeded_run
+    compression = {}
+    if precision == "int8":
+        compression = {"compression_type": CompressionType.INT8_PTQ, "datamodule": datamodule}
+    processor = model.post_processor
+    processor.enable_normalization = False
+    try:
+        size = case.image_size
+        return Path(
+            run.export(
+                model=model,
+                export_type=ExportType.OPENVINO,
+                export_root=export_root,
+                input_size=(size, size),
+                **case.export_kwargs,
+                **compression,
+            )
+        )
+    finally:
+        processor.enable_normalization = True
+
+
+# INT8 may move a normal image's raw score by this share of its value, and must keep the order
+INT8_SCORE_TOLERANCE = 0.1
+INT8_MIN_RANK_CORRELATION = 0.9
+INT8_MIN_IMAGES_FOR_RANKING = 8
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_openvino_raw_scores_and_maps_match_torch_on_real_images(
+    seeded_run, real_data: Path, tmp_path: Path, precision: str
+) -> None:
+    """Raw scores and maps of the export vs torch (unclamped, so every image counts).
+
+    f32, on real bottle and dice images: within 1e-3 relative to the scores' magnitude. INT8 (only the modules a
+    model lists in ``int8_modules``), on the synthetic test images it was calibrated for (on the out-of-distribution
+    real images a model fitted on 8 synthetic images loses its ranking in INT8: Dfkdm measured Spearman -0.10):
+    normal images' scores within ``INT8_SCORE_TOLERANCE`` of their value, the same ranking (Spearman >= 0.9 from 8
+    images on), and every planted defect torch ranks above all normal images stays there; a scrambled quantisation
+    fails them.
+    """
+    from anomalib.deploy import OpenVINOInferencer
+    from scipy.stats import spearmanr
+
+    case, (model, run, _, _, datamodule) = seeded_run
     if not case.exportable:
         pytest.skip(f"{case.name} is not exportable")
-    size = case.image_size
-    xml = Path(
-        run.export(
-            model=model,
-            export_type=ExportType.OPENVINO,
-            export_root=tmp_path / "export",
-            input_size=(size, size),
-            **case.export_kwargs,
-        )
-    )
-    paths = _real_images(real_data)
-    assert paths, "no real images found"
-    images = load_images(paths, size)
-    model = model.eval().cpu()
-    with torch.no_grad():
-        reference = model(images)
+    if precision == "int8" and not model.quantized_modules():
+        pytest.skip(f"{case.name} quantises nothing: its INT8 export is its f32 export")
+    xml = _export_raw(model, run, datamodule, case, precision, tmp_path / "export")
+    if precision == "fp32":
+        paths = _real_images(real_data)
+    else:  # INT8 is calibrated on the synthetic validation images: compare on that distribution, planted defects
+        paths = [Path(path) for batch in seeded_run[1][3] for path in batch.image_path]
+    assert paths, "no images found"
+    images = load_images(paths, case.image_size)
+    reference = raw_outputs(model, images)
+    torch_scores = reference.pred_score.flatten().numpy()
     inferencer = OpenVINOInferencer(path=xml, device="CPU", config=OPENVINO_F32)
+    results = [inferencer.predict(images[index].numpy()) for index in range(len(paths))]
+    openvino_scores = np.array([float(np.ravel(result.pred_score)[0]) for result in results])
+    assert np.isfinite(openvino_scores).all()
+    assert np.ptp(torch_scores) > 0, f"{case.name}: every real image gets the same raw score {torch_scores[0]}"
+    if precision == "fp32":
+        tolerance = PARITY_TOLERANCE * max(1.0, float(np.abs(torch_scores).max()))
+        difference = np.abs(openvino_scores - torch_scores)
+        assert difference.max() < tolerance, f"scores differ by {difference.round(6).tolist()} (tol {tolerance})"
+    else:
+        # normal images (where the threshold lives) keep their score; defects far out may be compressed by the
+        # calibrated activation ranges (measured: Dfkdm 43018 -> 24743, TileOutlier 0.55 -> 0.47) but keep their rank
+        relative = np.abs(openvino_scores - torch_scores) / np.abs(torch_scores).clip(1e-12)
+        correlation = spearmanr(openvino_scores, torch_scores).statistic
+        normal = np.array([path.parent.name == "good" for path in paths])
+        above = torch_scores > torch_scores[normal].max()
+        summary = (
+            f"INT8 moves scores by {relative.round(3).tolist()} of their value, Spearman {correlation:.2f} "
+            f"(torch {torch_scores.round(4).tolist()}, INT8 {openvino_scores.round(4).tolist()})"
+        )
+        assert relative[normal].max() <= INT8_SCORE_TOLERANCE, summary
+        if len(paths) >= INT8_MIN_IMAGES_FOR_RANKING:  # a rank correlation of 4 images is all or nothing
+            assert correlation >= INT8_MIN_RANK_CORRELATION, summary
+        assert (openvino_scores[above] > openvino_scores[normal].max()).all(), f"a normal passes a defect: {summary}"
+    if reference.anomaly_map is None:
+        return
     for index, path in enumerate(paths):
-        result = inferencer.predict(images[index].numpy())
-        torch_score = float(reference.pred_score.flatten()[index])
-        assert abs(float(np.ravel(result.pred_score)[0]) - torch_score) < PARITY_TOLERANCE, f"{path}: score"
-        if reference.anomaly_map is not None:
-            torch_map = reference.anomaly_map[index].squeeze().numpy()
-            openvino_map = np.asarray(result.anomaly_map).squeeze()
-            assert openvino_map.shape == torch_map.shape, f"{path}: map shape"
-            difference = float(np.abs(openvino_map - torch_map).max())
-            assert difference < PARITY_TOLERANCE, f"{path}: map differs by {difference}"
-        if reference.pred_label is not None:
-            assert bool(np.ravel(result.pred_label)[0]) == bool(reference.pred_label.flatten()[index]), f"{path}"
+        torch_map = reference.anomaly_map[index].squeeze().numpy()
+        openvino_map = np.asarray(results[index].anomaly_map).squeeze()
+        assert openvino_map.shape == torch_map.shape, f"{path}: map shape"
+        difference = float(np.abs(openvino_map - torch_map).max())
+        if precision == "fp32":
+            tolerance = PARITY_TOLERANCE * max(1.0, float(np.abs(torch_map).max()))
+            assert difference < tolerance, f"{path}: raw map differs by {difference} (tol {tolerance})"
+        else:
+            scale = max(float(np.abs(torch_map).max()), 1e-6)
+            assert difference <= 2 * INT8_SCORE_TOLERANCE * scale, f"{path}: INT8 map moves {difference / scale:.2f}"

@@ -194,11 +194,13 @@ def setup_datamodule(datamodule, draw_seed: int, model_spec: dict[str, Any], dat
     from lightning.pytorch import seed_everything
     from lightning.pytorch.trainer.states import TrainerFn
 
+    from anomalib_ext.data.seeded_split import mark_drawn_with_seed
     from benchmarking.studies import augmentation, scaling
 
     augmentation.apply_before_setup(datamodule, model_spec)
     seed_everything(draw_seed, workers=True, verbose=False)
     datamodule.setup(TrainerFn.FITTING)
+    mark_drawn_with_seed(datamodule, draw_seed)  # our models keep this draw (they would redraw an unseeded one)
     augmentation.apply_after_setup(datamodule, model_spec)
     scaling.apply_after_setup(datamodule, dataset)
 
@@ -219,7 +221,12 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
     """Accuracy on the test set through the model's full forward (pre-process, model, post-process).
 
     This is the same graph OpenVINO exports, so the numbers describe what would be deployed. Image F1 uses
-    ``pred_label``, i.e. the PostProcessor's threshold that was computed on the validation set during fit.
+    ``pred_label``, i.e. the PostProcessor's threshold that was computed on the validation set during fit. From the
+    same predictions (the torch model's raw scores, caught by a forward hook) come two more image F1s:
+    ``image_f1_f1_optimal`` with the plain F1-optimal validation threshold (anomalib's rule, which our
+    ``RobustThresholdPostProcessor`` clamps into the normal scores' window; equal to ``image_f1`` for anomalib's
+    models) and ``image_f1_test_optimal`` with the best threshold on the test set itself (anomalib's default
+    ``same_as_test`` protocol: an upper bound, not an honest F1).
     """
     import torch
     from anomalib.metrics import AUPRO, AUROC, F1Score
@@ -236,6 +243,16 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
     visualizer = model.visualizer if isinstance(model.visualizer, ImageVisualizer) else ImageVisualizer()
     visual_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
+    raw_scores: list[torch.Tensor] = []
+    raw_maps: list[torch.Tensor] = []
+    raw_masks: list[torch.Tensor] = []
+
+    def keep_raw_outputs(_module, _inputs, output) -> None:  # noqa: ANN001
+        raw_scores.append(raw_image_score(output))
+        if getattr(output, "anomaly_map", None) is not None:
+            raw_maps.append(squeeze_map(output.anomaly_map.detach().float().cpu(), None))
+
+    hook = model.model.register_forward_hook(keep_raw_outputs)
     with torch.inference_mode():
         for batch in datamodule.test_dataloader():
             output = model(batch.image)
@@ -254,6 +271,7 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
                 anomaly_map = squeeze_map(output.anomaly_map, output.anomaly_map)
                 gt_mask = squeeze_map(batch.gt_mask.int(), anomaly_map).bool()
                 pixel_update = SimpleNamespace(anomaly_map=anomaly_map, gt_mask=gt_mask)
+                raw_masks.append(gt_mask.cpu())
                 pixel_auroc.update(pixel_update)
                 pixel_pro.update(pixel_update)
             speed_images.extend(batch.image[: max(0, 64 - len(speed_images))])
@@ -267,6 +285,7 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
                         source = Path(item.image_path)
                         kind = "anomalous" if label else "normal"
                         image.save(visual_dir / f"{kind}_{source.parent.name}_{source.stem}.png")
+    hook.remove()
     all_scores, all_labels = torch.cat(scores), torch.cat(labels)
     metrics: dict[str, Any] = {
         "image_auroc": float(image_auroc.compute()),
@@ -278,6 +297,9 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
     }
     threshold = getattr(model.post_processor, "image_threshold", None)
     metrics["image_threshold"] = float(threshold) if threshold is not None else None
+    if raw_scores and len(torch.cat(raw_scores)) == len(all_labels):
+        metrics.update(threshold_comparison(model.post_processor, torch.cat(raw_scores), all_labels))
+        metrics.update(raw_aurocs(torch.cat(raw_scores), all_labels, raw_maps, raw_masks if has_masks else []))
     # PNG-only anomalies: a model must not win through JPEG artefacts (dice caveat); cheap from the scores.
     png = torch.tensor([Path(p).suffix.lower() == ".png" for p in paths])
     keep = png | (all_labels == 0)
@@ -293,9 +315,78 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
     return metrics, speed_images
 
 
+def raw_image_score(output):  # noqa: ANN001, ANN201 (torch model output -> 1-D tensor)
+    """The torch model's image scores before post-processing (the map's maximum when it gives no score)."""
+    import torch
+
+    score = getattr(output, "pred_score", None)
+    if score is None:
+        score = torch.amax(output.anomaly_map, dim=(-2, -1))
+    return score.detach().flatten().float().cpu()
+
+
+def raw_aurocs(raw_scores, labels, raw_maps, masks) -> dict[str, Any]:  # noqa: ANN001
+    """Image and pixel AUROC of the torch model's raw scores and maps (``image_auroc_raw``, ``pixel_auroc_raw``).
+
+    ``image_auroc``/``pixel_auroc`` score the post-processed outputs, as anomalib's evaluator does; those are
+    normalised around the validation threshold and clamped to [0, 1], so test scores beyond the validation range
+    tie at 0 or 1 and the AUROC moves with the threshold. The raw ones depend on the model alone.
+    """
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    def auroc(values: torch.Tensor, truth: torch.Tensor) -> float | None:
+        if not (truth.any() and not truth.all()):
+            return None
+        values = values.flatten().double()
+        # into [0, 1] first: torchmetrics would read scores outside it as logits, and sigmoid ties large scores
+        values = (values - values.min()) / (values.max() - values.min()).clamp_min(1e-300)
+        return float(binary_auroc(values, truth.flatten().long()))
+
+    result: dict[str, Any] = {"image_auroc_raw": auroc(raw_scores, labels.bool()), "pixel_auroc_raw": None}
+    if masks and len(raw_maps) == len(masks):
+        maps = torch.cat([squeeze_map(m[:, None], mask) for m, mask in zip(raw_maps, masks, strict=True)])
+        result["pixel_auroc_raw"] = auroc(maps, torch.cat(masks))
+    return result
+
+
+def threshold_comparison(post_processor, raw_scores, labels) -> dict[str, Any]:  # noqa: ANN001
+    """Image F1 of the same raw test scores under the plain F1-optimal validation threshold and the best threshold
+    on test (see ``evaluate``)."""
+    import torch
+    from torchmetrics.functional.classification import binary_f1_score, binary_precision_recall_curve
+
+    labels = labels.int()
+    f1_optimal = getattr(post_processor, "f1_optimal_image_threshold", None)
+    if f1_optimal is None or bool(torch.isnan(f1_optimal)):
+        f1_optimal = getattr(post_processor, "image_threshold", None)  # anomalib's own: already F1-optimal
+    result: dict[str, Any] = {}
+    if f1_optimal is not None and not bool(torch.isnan(torch.as_tensor(f1_optimal))):
+        f1_optimal = float(f1_optimal)
+        result["image_threshold_f1_optimal"] = f1_optimal
+        result["image_f1_f1_optimal"] = float(binary_f1_score((raw_scores > f1_optimal).int(), labels))
+    if bool(labels.any()) and not bool(labels.all()):
+        # rescaled into [0, 1] (monotone, so the same F1 per threshold): torchmetrics reads scores outside [0, 1]
+        # as logits and squashes them with a sigmoid, which saturates on raw scores such as 1000
+        scores = raw_scores.double()
+        scores = (scores - scores.min()) / (scores.max() - scores.min()).clamp_min(1e-300)
+        precision, recall, _ = binary_precision_recall_curve(scores, labels)
+        result["image_f1_test_optimal"] = float((2 * precision * recall / (precision + recall + 1e-12)).max())
+    lower, upper = (getattr(post_processor, name, None) for name in ("normal_score_lower", "normal_score_upper"))
+    if lower is not None and upper is not None:
+        result["image_threshold_window"] = [float(lower), float(upper)]
+    return result
+
+
 def peak_rss_mb() -> float:
     """Max resident set size of this cell process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (the DDP processes of a ``--devices N`` fit)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -418,22 +509,32 @@ def run_cell(spec_path: Path) -> int:
         # --max-epochs bounds every model: a config asking for more epochs is capped to it
         config_epochs = spec["model"].get("trainer", {}).get("max_epochs", settings["max_epochs"])
         result["max_epochs"] = min(config_epochs, settings["max_epochs"])
+        # --devices N: N CPU processes (DDP); test, speed and export then run here on the fitted model that the
+        # strategy hands back, so they measure the same thing for any N
+        devices = int(settings.get("devices", 1))
+        parallel = {"strategy": settings.get("strategy") or "ddp_spawn"} if devices > 1 else {}
+        from benchmarking.ranks import RankPeakMemory
+
         engine = Engine(
             default_root_dir=cell_dir / "engine",
             logger=False,
             accelerator="cpu",
-            devices=1,
+            devices=devices,
             enable_progress_bar=False,
             max_epochs=result["max_epochs"],
+            callbacks=[RankPeakMemory(cell_dir)],
+            **parallel,
         )
+        result["devices"] = devices
         result["setup_seconds"] = time.perf_counter() - started
         stage("fit")
-        fit_start, fit_cpu_start = time.perf_counter(), time.process_time()
+        fit_start, fit_cpu_start = time.perf_counter(), cpu_seconds()
         engine.fit(model=model, datamodule=datamodule)
         result["fit_seconds"] = time.perf_counter() - fit_start
-        # CPU seconds of every thread of the cell: the load-independent measure of fit cost on a shared machine
-        result["fit_cpu_seconds"] = time.process_time() - fit_cpu_start
+        # CPU seconds of every thread of the cell (and of its DDP processes): the load-independent fit cost
+        result["fit_cpu_seconds"] = cpu_seconds() - fit_cpu_start
         result["fit_peak_rss_mb"] = peak_rss_mb()
+        result["fit_peak_rss_mb_per_process"] = RankPeakMemory.collect(cell_dir)
         threshold = getattr(model.post_processor, "image_threshold", None)
         if threshold is not None and bool(torch.isnan(torch.as_tensor(threshold))):
             # validation never ran during fit (e.g. check_val_every_n_epoch > epochs): set the thresholds now

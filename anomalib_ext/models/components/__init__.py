@@ -6,6 +6,8 @@
 - ``stats``: image scores from maps, robust statistics, k-medoids, ``MapStandardizer``; ``kde``: feature densities
 - ``sampling``: reservoir and coreset samplers; ``alignment``: NCC pose search; ``tiling``: tile grids
 - ``autoencoder``, ``cutpaste``, ``class_folders``
+- ``thresholds``: ``RobustThresholdPostProcessor``, the image threshold every model uses (docs/thresholds.md)
+- ``distributed``: merging fit data across DDP ranks (no-ops on one process); makes ``ddp_spawn`` pickle the CLI
 """
 
 from .autoencoder import AutoencoderOutput, ConvAutoencoder, ReconstructionLoss, kl_divergence
@@ -30,6 +32,7 @@ from .base import (
 )
 from .class_folders import NORMAL_DIR, class_from_path
 from .cutpaste import CutPaste
+from .distributed import DdpAnchor, gather_objects, gather_reservoir, gather_rows, is_distributed, sum_across_ranks
 from .filters import GaussianBlur, SSIMMap, gaussian_kernel_1d
 from .stats import (
     MapMoments,
@@ -39,6 +42,7 @@ from .stats import (
     topk_mean,
     weighted_theil_sen_slope,
 )
+from .thresholds import NormalScoreWindow, RobustThresholdPostProcessor
 
 __all__ = [
     "AutoencoderOutput",
@@ -47,6 +51,7 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "DEFAULT_LAYERS",
     "DEFAULT_POOLED_LAYERS",
+    "DdpAnchor",
     "EXPORT_OPSET",
     "ExtModelMixin",
     "GaussianBlur",
@@ -55,9 +60,11 @@ __all__ = [
     "InputNormalization",
     "InputNormalizer",
     "MapMoments",
+    "NormalScoreWindow",
     "MapStandardizer",
     "NORMAL_DIR",
     "ReconstructionLoss",
+    "RobustThresholdPostProcessor",
     "SIGTERM_EXIT_STATUS",
     "SSIMMap",
     "SigtermExitStatus",
@@ -65,11 +72,16 @@ __all__ = [
     "backbone_mean_std",
     "build_feature_extractor",
     "class_from_path",
+    "gather_objects",
+    "gather_reservoir",
+    "gather_rows",
     "gaussian_kernel_1d",
     "image_metrics_evaluator",
+    "is_distributed",
     "k_medoids",
     "kl_divergence",
     "robust_center_scale",
+    "sum_across_ranks",
     "topk_mean",
     "weighted_theil_sen_slope",
 ]

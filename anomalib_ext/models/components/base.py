@@ -18,6 +18,9 @@ among the *direct* subclasses of ``AnomalibModule`` only. It provides:
 - INT8 that keeps accuracy: anomalib's ``INT8_PTQ`` export (``--compression_type INT8_PTQ``) quantises only the
   modules the model lists in ``int8_modules`` (its backbone or autoencoder convolutions); density, PCA,
   distances, SSIM, blurs, normalisation and calibration stay in float (``quantization.quantize_modules``);
+- thresholds that synthetic validation anomalies cannot push out of the normal scores' reach
+  (``RobustThresholdPostProcessor``, ``docs/thresholds.md``), drawn reproducibly: the synthetic validation
+  anomalies depend on the datamodule's ``seed`` only (``anomalib_ext.data.seeded_split``);
 - a SIGTERM exit status: Lightning turns SIGTERM (a scheduler's stop, ``kill``, a container shutdown) into a
   ``SystemExit`` without a code, so ``anomalib train`` would exit 0 like a finished run and scripts chaining
   fit -> export would carry on with a half-trained model. ``SigtermExitStatus`` makes it exit with 143 (128 +
@@ -40,7 +43,9 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 
+from .distributed import fresh_storage_for_resized_buffers
 from .quantization import name_nodes_by_module, quantize_modules
+from .thresholds import RobustThresholdPostProcessor
 
 EXPORT_OPSET = 18
 SIGTERM_EXIT_STATUS = 143
@@ -117,6 +122,8 @@ class ExtModelMixin:
         )
         self.image_size: tuple[int, int] = size
         self.check_data = check_data
+        # fitted buffers change shape on load: give them new storage (ddp_spawn leaves them in shared memory)
+        self.register_load_state_dict_pre_hook(fresh_storage_for_resized_buffers)  # type: ignore[attr-defined]
 
     def prepare_data(self) -> None:
         """Read every file of the attached datamodule (MVTecAD, Folder, Dice) before anything loads an image.
@@ -124,6 +131,8 @@ class ExtModelMixin:
         Lightning calls this before the datamodule's ``setup`` (which already decodes images for anomalib's
         synthetic validation split), so a zero-byte or corrupt file stops the run with one line naming it and
         exit status 2 instead of a long traceback from a dataloader. ``check_data=False`` skips it.
+        Then it sets the datamodule up with its synthetic anomalies drawn from the datamodule's ``seed`` alone
+        (``seeded_split``): the same config gives the same validation images, hence the same threshold, every run.
         """
         super().prepare_data()  # type: ignore[misc]
         datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
@@ -131,6 +140,25 @@ class ExtModelMixin:
             from anomalib_ext.data.validation import exit_on_bad_data  # data knows no model: imported on use
 
             exit_on_bad_data(datamodule)
+        if datamodule is not None:
+            from anomalib_ext.data.seeded_split import is_set_up, setup_with_seeded_anomalies
+
+            if not is_set_up(datamodule):  # draw the synthetic anomalies now, from the datamodule's seed only
+                setup_with_seeded_anomalies(datamodule, self._trainer.state.fn)  # type: ignore[attr-defined]
+
+    def setup(self, stage: str) -> None:
+        """Redraw, from the datamodule's seed, synthetic anomalies drawn before ``prepare_data`` could seed them
+        (a datamodule set up by hand; DDP ranks other than 0, where Lightning skips ``prepare_data``)."""
+        super().setup(stage)  # type: ignore[misc]
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        if datamodule is not None:
+            from anomalib_ext.data.seeded_split import ensure_seeded_anomalies
+
+            ensure_seeded_anomalies(datamodule)
+
+    def configure_post_processor(self) -> RobustThresholdPostProcessor:
+        """anomalib's post-processor with the image threshold clamped into the normal scores' window."""
+        return RobustThresholdPostProcessor()
 
     @classmethod
     def configure_pre_processor(

@@ -37,6 +37,7 @@ from anomalib_ext.models.components import (
     InputNormalization,
     ReconstructionLoss,
     as_pair,
+    gather_rows,
     image_metrics_evaluator,
 )
 from anomalib_ext.models.components.kde import BandwidthRule, DensityKind, ScalingMethod
@@ -157,6 +158,7 @@ class Dfkdm(ExtModelMixin, AnomalibModule):
         self.register_buffer("_is_fitted", torch.tensor([False]))
         self._is_fitted: torch.Tensor
         self._collected_features: list[torch.Tensor] = []
+        self._collected_ids: list[str] | None = []  # image paths of the collected features (None: some had none)
         self._fitted_at_step = -1
 
     # ------------------------------------------------------------------------------------------ components
@@ -176,7 +178,7 @@ class Dfkdm(ExtModelMixin, AnomalibModule):
 
     def on_train_epoch_start(self) -> None:
         """Each epoch sees the whole training set again: keep only this epoch's backbone features."""
-        self._collected_features = []
+        self._collected_features, self._collected_ids = [], []
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Backbone: collect features. Autoencoder: one reconstruction-loss step."""
@@ -184,6 +186,7 @@ class Dfkdm(ExtModelMixin, AnomalibModule):
         if self.loss is None:
             with torch.no_grad():
                 self._collected_features.append(self.model.backbone_features(batch.image).cpu())
+            self._collected_ids = self._extend_ids(self._collected_ids, batch)
             self._is_fitted = torch.tensor([False], device=self.device)
             return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
         assert self.model.autoencoder is not None
@@ -197,8 +200,16 @@ class Dfkdm(ExtModelMixin, AnomalibModule):
             return bool(self._collected_features) or not bool(self._is_fitted)
         return not bool(self._is_fitted) or self._fitted_at_step != self.global_step
 
-    def _lake_training_features(self) -> torch.Tensor:
-        """One pass over the training images with the trained autoencoder (eval mode, no gradients)."""
+    @staticmethod
+    def _extend_ids(ids: list[str] | None, batch: Batch) -> list[str] | None:
+        """The image paths so far plus the batch's (``None`` once a batch comes without paths)."""
+        if ids is None or batch.image_path is None:
+            return None
+        return [*ids, *(str(path) for path in batch.image_path)]
+
+    def _lake_training_features(self) -> tuple[torch.Tensor, list[str] | None]:
+        """One pass over the training images with the trained autoencoder (eval mode, no gradients); under DDP
+        over this rank's shard (``fit`` gathers the shards)."""
         trainer = self._trainer
         if trainer is None or trainer.train_dataloader is None:
             msg = "Dfkdm (autoencoder) can only fit its density inside a Lightning fit (no training dataloader)"
@@ -206,6 +217,7 @@ class Dfkdm(ExtModelMixin, AnomalibModule):
         was_training = self.model.training
         self.model.eval()
         features = []
+        ids: list[str] | None = []
         transform = getattr(self.pre_processor, "transform", None)
         with torch.no_grad():
             for batch in trainer.train_dataloader:
@@ -213,19 +225,26 @@ class Dfkdm(ExtModelMixin, AnomalibModule):
                 if transform is not None:
                     images = transform(images)
                 features.append(self.model.extract_features(images).cpu())
+                ids = self._extend_ids(ids, batch)
         self.model.train(was_training)
-        return torch.cat(features)
+        return torch.cat(features), ids
 
     def fit(self) -> None:
-        """Fit the density on the normal training features (capped sample)."""
+        """Fit the density on the normal training features (capped sample).
+
+        The features are sorted by image path (each image once) before the seeded sample, so the fit depends
+        neither on the loader's order nor on the number of DDP ranks: every rank gathers all ranks' features and
+        fits the same density.
+        """
         if self.loss is None:
             if not self._collected_features:
                 msg = "Dfkdm has no training features to fit: run training (engine.fit) first"
                 raise RuntimeError(msg)
-            features = torch.cat(self._collected_features)
-            self._collected_features = []
+            features, ids = torch.cat(self._collected_features), self._collected_ids
+            self._collected_features, self._collected_ids = [], []
         else:
-            features = self._lake_training_features()
+            features, ids = self._lake_training_features()
+        features, _ = gather_rows(features, ids, self.device)
         used = self.model.density.fit(features.to(self.device))
         logger.info("Dfkdm: density fitted on %d of %d training feature vectors", used, len(features))
         self._is_fitted = torch.tensor([True], device=self.device)
@@ -257,8 +276,8 @@ class Dfkdm(ExtModelMixin, AnomalibModule):
     def trainer_arguments(self) -> dict[str, Any]:
         """Backbone: one pass, no gradients. Autoencoder: normal training; both skip the sanity check."""
         if self.feature_source == "backbone":
-            return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
-        return {"num_sanity_val_steps": 0, "devices": 1}
+            return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0}
+        return {"num_sanity_val_steps": 0}
 
     @property
     def learning_type(self) -> LearningType:

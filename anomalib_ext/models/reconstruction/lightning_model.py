@@ -27,6 +27,9 @@ from anomalib_ext.models.components import (
     ImageSize,
     MapMoments,
     ReconstructionLoss,
+    gather_objects,
+    is_distributed,
+    sum_across_ranks,
 )
 
 from .torch_model import MapMode, ReconstructionModel, Variant
@@ -176,11 +179,32 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
         self._map_moments.add(self.model.raw_anomaly_map(images, reconstruction.detach()))
 
     def _commit_map_statistics(self) -> None:
-        """Turn the epoch's sums into the model's per-pixel mean / spread buffers, then start afresh."""
-        if self._map_moments.total < 2:
+        """Turn the epoch's sums into the model's per-pixel mean / spread buffers, then start afresh.
+
+        Under DDP each rank summed the maps of its own shard: the sums are added up over the ranks first, so every
+        rank (and the checkpoint) holds the statistics of the whole training set.
+        """
+        moments = self._ranks_map_moments()
+        if moments.total < 2:
             return
-        self.model.fit_map_statistics(self._map_moments)
+        self.model.fit_map_statistics(moments)
         self._map_moments = MapMoments()
+
+    def _ranks_map_moments(self) -> MapMoments:
+        """The epoch's map sums over all DDP ranks (this rank's own on one process)."""
+        moments = self._map_moments
+        if not is_distributed():
+            return moments
+        shapes = gather_objects(None if moments.sums is None else tuple(moments.sums.shape))
+        shape = next((found for found in shapes if found is not None), None)
+        merged = MapMoments(moments.groups)
+        if shape is None:  # no rank saw a training batch this epoch
+            return merged
+        zeros = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        merged.sums = sum_across_ranks(moments.sums if moments.sums is not None else zeros, self.device)
+        merged.squares = sum_across_ranks(moments.squares if moments.squares is not None else zeros, self.device)
+        merged.counts = sum_across_ranks(moments.counts.to(self.device), self.device)
+        return merged
 
     def on_train_epoch_start(self) -> None:
         self._map_moments = MapMoments()

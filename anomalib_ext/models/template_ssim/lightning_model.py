@@ -23,7 +23,15 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
-from anomalib_ext.models.components import ExtModelMixin, ImageSize, class_from_path
+from anomalib_ext.models.components import (
+    DdpAnchor,
+    ExtModelMixin,
+    ImageSize,
+    class_from_path,
+    gather_objects,
+    gather_reservoir,
+    is_distributed,
+)
 from anomalib_ext.models.components.sampling import ReservoirSampler
 
 from .torch_model import TemplateSsimModel
@@ -136,6 +144,7 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         )
         self.class_names: list[str] = []
         self._reservoir: dict[str, ReservoirSampler] = {}
+        self._ddp_anchor = DdpAnchor()  # lets Lightning wrap this gradient-free model in DDP (not in checkpoints)
 
     @staticmethod
     def configure_optimizers() -> None:
@@ -166,11 +175,19 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
             if name not in self._reservoir:
                 self._reservoir[name] = ReservoirSampler(self.max_images_per_class, seed=self.seed)
             members = torch.tensor([member == name for member in names])
-            self._reservoir[name].add(images[members])
+            ids = None
+            if batch.image_path is not None:
+                ids = [str(path) for path, member in zip(paths, names, strict=True) if member == name]
+            self._reservoir[name].add(images[members], ids=ids)  # ids: DDP's padding repeats count once
         return torch.tensor(0.0, requires_grad=True, device=self.device)
 
     def fit(self) -> None:
-        """Templates and per-class statistics from the reservoir (template and calibration images disjoint)."""
+        """Templates and per-class statistics from the reservoir (template and calibration images disjoint).
+
+        Under DDP every rank first merges, class by class, all ranks' reservoirs (a rank may not have seen every
+        class), so the cap is per class over the whole training set and every rank fits the same templates.
+        """
+        self._reservoir = self._gather_reservoirs()
         if not self._reservoir:
             msg = "TemplateSsim.fit: no training images were seen (is the train dataloader empty?)"
             raise RuntimeError(msg)
@@ -202,9 +219,34 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         logger.info("TemplateSsim fitted %d templates, statistics groups %s", len(template_source), self.class_names)
         self._reservoir = {}
 
+    def _gather_reservoirs(self) -> dict[str, ReservoirSampler]:
+        """Each class's reservoir merged over the DDP ranks (unchanged on one process)."""
+        if not is_distributed():
+            return self._reservoir
+        names = sorted({name for part in gather_objects(sorted(self._reservoir)) for name in part})
+        merged = {}
+        for name in names:  # the same order on every rank: each gather is a collective
+            reservoir = gather_reservoir(self._reservoir.get(name), self.device, self.max_images_per_class, self.seed)
+            if reservoir is not None:
+                merged[name] = reservoir
+        return merged
+
     # -------------------------------------------------------------------------------------------- checkpoint
+    def get_extra_state(self) -> dict[str, Any]:
+        """The class names travel in the state dict: ``ddp_spawn`` hands the fitted model back to the launching
+        process through ``load_state_dict`` only, and a checkpoint keeps them under the same key."""
+        return {"class_names": list(self.class_names)}
+
+    def set_extra_state(self, state: Any) -> None:  # noqa: ANN401
+        if isinstance(state, dict):
+            self.class_names = list(state.get("class_names", []))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["template_ssim_class_names"] = list(self.class_names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.class_names = list(checkpoint.get("template_ssim_class_names", []))
+        # checkpoints from before 0.3.0 have no ``_extra_state`` entry: add it so a strict load accepts them
+        state_dict = checkpoint.get("state_dict")
+        if isinstance(state_dict, dict) and "_extra_state" not in state_dict:
+            state_dict["_extra_state"] = {"class_names": self.class_names}

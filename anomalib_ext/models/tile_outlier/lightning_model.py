@@ -27,6 +27,7 @@ from anomalib_ext.models.components import (
     ExtModelMixin,
     ImageSize,
     InputNormalization,
+    gather_reservoir,
     image_metrics_evaluator,
 )
 from anomalib_ext.models.components.sampling import ReservoirSampler
@@ -149,7 +150,8 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
+        """One pass, no gradients. Any number of devices: ``fit`` merges the ranks' reservoirs first."""
+        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0}
 
     @property
     def learning_type(self) -> LearningType:
@@ -166,13 +168,19 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Collect the tile embeddings of normal images into the capped reservoir."""
         del args, kwargs
-        with torch.no_grad():
-            self._reservoir.add(self._embed(batch.image).cpu())
+        with torch.no_grad():  # ids: DDP's padding repeats of an image count once when the ranks merge
+            self._reservoir.add(self._embed(batch.image).cpu(), ids=batch.image_path)
         return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
 
     def fit(self) -> None:
-        """k-center coreset of the collected tiles becomes the memory bank."""
-        embeddings = self._reservoir.samples()
+        """k-center coreset of the collected tiles becomes the memory bank.
+
+        Under DDP every rank first merges all ranks' reservoirs (the one a single process would have filled, capped
+        for the whole training set), then runs the same deterministic coreset: every rank holds the whole bank.
+        """
+        merged = gather_reservoir(self._reservoir, self.device)
+        assert merged is not None  # the local reservoir is never None
+        embeddings = merged.samples()
         logger.info("TileOutlier: fitting the bank on %d images x %d tiles", len(embeddings), self.model.grid.num_tiles)
         self.model.fit_bank(embeddings.to(self.device))
         self._reservoir = self._new_reservoir()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -109,8 +110,11 @@ class ReservoirSampler:
     Every item gets a key, a seeded hash of its bytes, and the ``capacity`` items with the smallest keys are kept
     (bottom-k sampling). A hash ranks items uniformly at random, like Vitter's reservoir, but the sample depends
     only on which items were seen, not on the order a shuffled dataloader gave them: the same data and seed give
-    the same fitted model. Identical items share a key, so copies are kept or dropped together. The store is
-    preallocated and replaced in place, so memory stays at ``capacity`` items.
+    the same fitted model. Identical items share a key, so copies are kept or dropped together. Items offered with
+    an id (their image path) are keyed by the id instead of their bytes: the sample then does not move with the
+    last bits of a float embedding either (batch size, number of DDP ranks, CPU or GPU), and an image repeated by a
+    ``DistributedSampler``'s padding keeps its key. The store is preallocated and replaced in place, so memory stays
+    at ``capacity`` items.
     """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
@@ -118,31 +122,43 @@ class ReservoirSampler:
             msg = f"reservoir capacity must be a positive integer, got {capacity!r}"
             raise ValueError(msg)
         self.capacity = capacity
+        self.seed = seed
         self.seen = 0
         self._salt = seed.to_bytes(8, "little", signed=True)
         self._store: torch.Tensor | None = None
         self._keys = torch.empty(0, dtype=torch.long)
         self._filled = 0
+        # each kept item's id (an image path), when ``add`` was given ids: merging across DDP ranks keeps one
+        # item per id, so the repeats a DistributedSampler pads its shards with count once
+        self._ids: list[str | None] = []
 
-    def _key(self, item: torch.Tensor) -> int:
-        digest = hashlib.blake2b(item.cpu().contiguous().numpy().tobytes(), digest_size=8, salt=self._salt).digest()
+    def _key(self, item: torch.Tensor, name: str | None = None) -> int:
+        """Seeded hash of the item's id when it has one, else of its bytes."""
+        data = name.encode() if name is not None else item.cpu().contiguous().numpy().tobytes()
+        digest = hashlib.blake2b(data, digest_size=8, salt=self._salt).digest()
         return int.from_bytes(digest, "little") >> 1  # fits a signed 64-bit tensor
 
-    def add(self, batch: torch.Tensor) -> None:
-        """Offer every item of ``batch``; memory never exceeds ``capacity`` items."""
+    def add(self, batch: torch.Tensor, ids: Sequence[str] | None = None) -> None:
+        """Offer every item of ``batch`` (with its id, e.g. image path); memory never exceeds ``capacity`` items."""
         batch = batch.detach()
+        if ids is not None and len(ids) != len(batch):
+            msg = f"{len(ids)} ids for a batch of {len(batch)} items"
+            raise ValueError(msg)
+        names: list[str | None] = list(ids) if ids is not None else [None] * len(batch)
         if self._store is None:
             self._store = batch.new_empty((self.capacity, *batch.shape[1:]))
             self._keys = torch.empty(self.capacity, dtype=torch.long)
+            self._ids = [None] * self.capacity
         elif batch.shape[1:] != self._store.shape[1:]:
             msg = f"items of shape {tuple(batch.shape[1:])} differ from earlier ones {tuple(self._store.shape[1:])}"
             raise ValueError(msg)
         self.seen += batch.shape[0]
-        keys = torch.tensor([self._key(item) for item in batch], dtype=torch.long)
+        keys = torch.tensor([self._key(item, name) for item, name in zip(batch, names, strict=True)], dtype=torch.long)
         free = min(self.capacity - self._filled, batch.shape[0])
         if free > 0:
             self._store[self._filled : self._filled + free] = batch[:free]
             self._keys[self._filled : self._filled + free] = keys[:free]
+            self._ids[self._filled : self._filled + free] = names[:free]
             self._filled += free
         rest, rest_keys = batch[free:], keys[free:]
         if rest_keys.numel() == 0:
@@ -154,6 +170,8 @@ class ReservoirSampler:
         entering = kept[self.capacity :].nonzero().flatten()
         self._store[evicted.to(self._store.device)] = rest[entering.to(rest.device)].to(self._store.device)
         self._keys[evicted] = rest_keys[entering]
+        for slot, item in zip(evicted.tolist(), entering.tolist(), strict=True):
+            self._ids[slot] = names[free + item]
 
     def samples(self) -> torch.Tensor:
         """The kept items in key order, ``(min(seen, capacity), ...)``."""
@@ -163,5 +181,26 @@ class ReservoirSampler:
         order = self._keys[: self._filled].argsort(stable=True)
         return self._store[: self._filled][order.to(self._store.device)]
 
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+        """The kept items, their keys and ids (``None`` when any item came without one), in key order."""
+        items = self.samples()
+        order = self._keys[: self._filled].argsort(stable=True)
+        ids = [self._ids[index] for index in order.tolist()]
+        return items, self._keys[: self._filled][order], None if None in ids else ids  # type: ignore[return-value]
+
+    def load(self, items: torch.Tensor, keys: torch.Tensor, ids: Sequence[str] | None, seen: int) -> None:
+        """Replace the content by ``items`` with their ``keys`` (a merge of reservoirs: ``gather_reservoir``)."""
+        if len(items) > self.capacity or len(keys) != len(items) or (ids is not None and len(ids) != len(items)):
+            msg = f"cannot load {len(items)} items / {len(keys)} keys into a reservoir of capacity {self.capacity}"
+            raise ValueError(msg)
+        self._store = items.new_empty((self.capacity, *items.shape[1:]))
+        self._store[: len(items)] = items
+        self._keys = torch.empty(self.capacity, dtype=torch.long)
+        self._keys[: len(items)] = keys.to(torch.long).cpu()
+        self._ids = [*(ids if ids is not None else [None] * len(items)), *[None] * (self.capacity - len(items))]
+        self._filled = len(items)
+        self.seen = seen
+
     def clear(self) -> None:
         self._store, self._keys, self._filled, self.seen = None, torch.empty(0, dtype=torch.long), 0, 0
+        self._ids = []
