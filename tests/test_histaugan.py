@@ -317,6 +317,30 @@ def test_cli_fit_exports_a_loadable_generator(
     assert augment.image_size == IMAGE_SIZE
 
 
+def test_trains_on_two_processes_with_statistics_from_both(two_domain_root: Path, tmp_path: Path) -> None:
+    """``--trainer.devices 2 --trainer.strategy ddp_spawn`` (gloo on CPU): each optimiser step leaves the other
+    networks' parameters unused, which DDP refuses unless told; the domains' attribute statistics are summed over
+    both ranks before they are fitted, and rank 0 exports the generator."""
+    import subprocess
+    import sys
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "histaugan" / "synthetic.yaml"
+    export = tmp_path / "generator.pt"
+    command = [sys.executable, "-m", "anomalib_ext.augment.histaugan", "fit", "--config", str(config)]
+    command += ["--data.root", str(two_domain_root), "--data.num_domains", "null", "--data.domain_source", "auto"]
+    command += ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn", "--trainer.max_steps", "4"]
+    command += ["--trainer.max_time", "null", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    command += ["--trainer.default_root_dir", str(tmp_path), "--model.export_path", str(export)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # noqa: S603
+    assert done.returncode == 0, done.stderr[-3000:]
+    augment = HistAuGANAugment(export)
+    assert augment.domain_names == ["plain", "tinted"]
+    statistics = torch.load(export, map_location="cpu", weights_only=False)
+    state = statistics.get("state_dict", statistics)
+    stds = [value for key, value in state.items() if key.endswith("attribute_std")]
+    assert stds and all(bool((std != 1).any()) for std in stds)  # fitted from the training images, not the init
+
+
 def test_progress_bar_names_the_time_budget(two_domain_root: Path, tmp_path: Path) -> None:
     """With ``max_time`` and a huge ``max_epochs`` (the configs), the bar says when the run ends, not 'of 1000'."""
     from anomalib_ext.augment.histaugan.progress import TimeBudgetRichProgressBar, budget_description

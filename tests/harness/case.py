@@ -35,6 +35,9 @@ class ModelCase:
     # the fooling test (thresholds from misleading validation anomalies beat flagging everything) needs a model
     # that ranks most defects above the normal images; ``False`` for a case trained too briefly for that
     threshold_fooling_test: bool = True
+    # robustness: on constant training images, a bright square must outscore a copy of the training image;
+    # ``False`` (with the measured scores in the case's module) for a model that needs texture to learn from
+    ranks_spot_on_constant_images: bool = True
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     exportable: bool = True
     # extra arguments for Engine.export (our models need none; anomalib's built-ins need opset 18 here)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from lightning import LightningModule
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 
 from .checkpoint import save_generator
 from .losses import (
@@ -86,6 +87,9 @@ class HistAuGAN(LightningModule):
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         del stage
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy):  # each optimiser step leaves the other networks unused: tell DDP
+            strategy._ddp_kwargs.setdefault("find_unused_parameters", True)  # noqa: SLF001  (no public setter)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         names = getattr(datamodule, "domain_names", None)
         if datamodule is not None and hasattr(datamodule, "images"):
@@ -226,9 +230,16 @@ class HistAuGAN(LightningModule):
         generator_optimizer.step()
 
         self._accumulate_attributes(out["mean"].detach(), domains)
-        self.log("train/discriminator", discriminator_loss.detach(), on_step=True, on_epoch=True)
+        self.log("train/discriminator", discriminator_loss.detach(), on_step=True, on_epoch=True, sync_dist=True)
         for name, value in losses.items():
-            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, prog_bar=name == "reconstruction")
+            self.log(
+                f"train/{name}",
+                value.detach(),
+                on_step=True,
+                on_epoch=True,
+                prog_bar=name == "reconstruction",
+                sync_dist=True,
+            )
 
     # ------------------------------------------------------------------------------- attribute statistics
     def _reset_attribute_accumulators(self) -> None:
@@ -247,7 +258,11 @@ class HistAuGAN(LightningModule):
         self._reset_attribute_accumulators()
 
     def on_train_epoch_end(self) -> None:
-        """Fit each domain's attribute Gaussian from this epoch's attribute means (domains seen only)."""
+        """Fit each domain's attribute Gaussian from this epoch's attribute means (domains seen only), summed over
+        the DDP ranks first so every rank fits the same statistics from the whole epoch."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            for name in ("_attribute_sum", "_attribute_square_sum", "_attribute_count"):
+                setattr(self, name, self.all_gather(getattr(self, name).to(self.device)).sum(0).cpu())
         seen = self._attribute_count > 0
         if not seen.any():
             return
