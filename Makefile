@@ -42,7 +42,7 @@ demo: $(STAMP)
 
 # One pytest worker per core, at most 4 (each worker holds torch and a few trained models: about 2 GB), whole test
 # files per worker (their module fixtures train once); tests/conftest.py shares the cores' threads among workers.
-TEST_WORKERS ?= $(shell python3 -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
+TEST_WORKERS ?= $(shell python3 -c "import os; print(min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))")
 
 test: $(DEV_STAMP)
 	$(BIN)/ruff check anomalib_ext tools tests

@@ -18,7 +18,9 @@ def _share_cores_among_workers() -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers <= 1:
         return
-    share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    # macOS has no CPU affinity
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = str(max(1, cores // workers))
     os.environ.setdefault("OMP_NUM_THREADS", share)
     os.environ.setdefault("MKL_NUM_THREADS", share)
     import torch
