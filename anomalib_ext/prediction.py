@@ -187,10 +187,6 @@ class PredictionWriter(BasePredictionWriter):
                     out.write(json.dumps({"image_path": str(path), "pred_score": score, "pred_label": flag}) + "\n")
         self._pending = []
 
-    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        del pl_module
-        self._flush(trainer)
-
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del pl_module
         self._flush(trainer)

@@ -297,9 +297,10 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
     }
     threshold = getattr(model.post_processor, "image_threshold", None)
     metrics["image_threshold"] = float(threshold) if threshold is not None else None
-    if raw_scores and len(torch.cat(raw_scores)) == len(all_labels):
-        metrics.update(threshold_comparison(model.post_processor, torch.cat(raw_scores), all_labels))
-        metrics.update(raw_aurocs(torch.cat(raw_scores), all_labels, raw_maps, raw_masks if has_masks else []))
+    all_raw_scores = torch.cat(raw_scores) if raw_scores else None
+    if all_raw_scores is not None and len(all_raw_scores) == len(all_labels):
+        metrics.update(threshold_comparison(model.post_processor, all_raw_scores, all_labels))
+        metrics.update(raw_aurocs(all_raw_scores, all_labels, raw_maps, raw_masks if has_masks else []))
     # PNG-only anomalies: a model must not win through JPEG artefacts (dice caveat); cheap from the scores.
     png = torch.tensor([Path(p).suffix.lower() == ".png" for p in paths])
     keep = png | (all_labels == 0)
@@ -325,6 +326,13 @@ def raw_image_score(output):  # noqa: ANN001, ANN201 (torch model output -> 1-D 
     return score.detach().flatten().float().cpu()
 
 
+def unit_interval(values):  # noqa: ANN001, ANN201 (torch tensor -> float64 tensor)
+    """``values`` rescaled into [0, 1], order kept, in float64. torchmetrics reads scores outside [0, 1] as logits
+    and squashes them with a sigmoid, which ties raw scores such as 1000 and 2000."""
+    values = values.double()
+    return (values - values.min()) / (values.max() - values.min()).clamp_min(1e-300)
+
+
 def raw_aurocs(raw_scores, labels, raw_maps, masks) -> dict[str, Any]:  # noqa: ANN001
     """Image and pixel AUROC of the torch model's raw scores and maps (``image_auroc_raw``, ``pixel_auroc_raw``).
 
@@ -338,10 +346,7 @@ def raw_aurocs(raw_scores, labels, raw_maps, masks) -> dict[str, Any]:  # noqa: 
     def auroc(values: torch.Tensor, truth: torch.Tensor) -> float | None:
         if not (truth.any() and not truth.all()):
             return None
-        values = values.flatten().double()
-        # into [0, 1] first: torchmetrics would read scores outside it as logits, and sigmoid ties large scores
-        values = (values - values.min()) / (values.max() - values.min()).clamp_min(1e-300)
-        return float(binary_auroc(values, truth.flatten().long()))
+        return float(binary_auroc(unit_interval(values.flatten()), truth.flatten().long()))
 
     result: dict[str, Any] = {"image_auroc_raw": auroc(raw_scores, labels.bool()), "pixel_auroc_raw": None}
     if masks and len(raw_maps) == len(masks):
@@ -366,11 +371,8 @@ def threshold_comparison(post_processor, raw_scores, labels) -> dict[str, Any]: 
         result["image_threshold_f1_optimal"] = f1_optimal
         result["image_f1_f1_optimal"] = float(binary_f1_score((raw_scores > f1_optimal).int(), labels))
     if bool(labels.any()) and not bool(labels.all()):
-        # rescaled into [0, 1] (monotone, so the same F1 per threshold): torchmetrics reads scores outside [0, 1]
-        # as logits and squashes them with a sigmoid, which saturates on raw scores such as 1000
-        scores = raw_scores.double()
-        scores = (scores - scores.min()) / (scores.max() - scores.min()).clamp_min(1e-300)
-        precision, recall, _ = binary_precision_recall_curve(scores, labels)
+        # rescaled into [0, 1]: monotone, so the same F1 per threshold
+        precision, recall, _ = binary_precision_recall_curve(unit_interval(raw_scores), labels)
         result["image_f1_test_optimal"] = float((2 * precision * recall / (precision + recall + 1e-12)).max())
     lower, upper = (getattr(post_processor, name, None) for name in ("normal_score_lower", "normal_score_upper"))
     if lower is not None and upper is not None:

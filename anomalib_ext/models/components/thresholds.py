@@ -93,8 +93,6 @@ class RobustThresholdPostProcessor(PostProcessor):
 
     def __init__(self, normal_quantile: float = NORMAL_QUANTILE, margin: float = MARGIN, **kwargs: Any) -> None:  # noqa: ANN401
         super().__init__(**kwargs)
-        self.normal_quantile = normal_quantile
-        self.margin = margin
         self._normal_window_metric = NormalScoreWindow(normal_quantile, margin)
         nan = torch.tensor(float("nan"))
         self.register_buffer("f1_optimal_image_threshold", nan.clone(), persistent=False)
@@ -108,10 +106,22 @@ class RobustThresholdPostProcessor(PostProcessor):
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
         return (*super()._checkpoint_config_keys, "normal_quantile", "margin")
 
-    def load_checkpoint_config(self, config: dict[str, Any]) -> None:
-        super().load_checkpoint_config(config)
-        self._normal_window_metric.normal_quantile = self.normal_quantile
-        self._normal_window_metric.margin = self.margin
+    # held once, by the window metric that uses them (a checkpoint's config sets them through these)
+    @property
+    def normal_quantile(self) -> float:
+        return self._normal_window_metric.normal_quantile
+
+    @normal_quantile.setter
+    def normal_quantile(self, value: float) -> None:
+        self._normal_window_metric.normal_quantile = value
+
+    @property
+    def margin(self) -> float:
+        return self._normal_window_metric.margin
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        self._normal_window_metric.margin = value
 
     @property
     def normal_score_window(self) -> tuple[float, float]:

@@ -175,17 +175,16 @@ class ReservoirSampler:
 
     def samples(self) -> torch.Tensor:
         """The kept items in key order, ``(min(seen, capacity), ...)``."""
+        return self.entries()[0]
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+        """The kept items, their keys and ids (``None`` when any item came without one), in key order."""
         if self._store is None:
             msg = "the reservoir is empty: no training batch was seen"
             raise RuntimeError(msg)
         order = self._keys[: self._filled].argsort(stable=True)
-        return self._store[: self._filled][order.to(self._store.device)]
-
-    def entries(self) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
-        """The kept items, their keys and ids (``None`` when any item came without one), in key order."""
-        items = self.samples()
-        order = self._keys[: self._filled].argsort(stable=True)
         ids = [self._ids[index] for index in order.tolist()]
+        items = self._store[: self._filled][order.to(self._store.device)]
         return items, self._keys[: self._filled][order], None if None in ids else ids  # type: ignore[return-value]
 
     def load(self, items: torch.Tensor, keys: torch.Tensor, ids: Sequence[str] | None, seen: int) -> None:
