@@ -111,9 +111,8 @@ def test_int8_export_ranks_planted_defects_like_the_f32_export(
     name: str, mvtec_root: Path, dice_root: Path, tmp_path: Path
 ) -> None:
     import openvino as ov
-    from anomalib.deploy import CompressionType, ExportType
 
-    from tests.harness.runner import load_images, make_datamodule, train_case
+    from tests.harness.runner import export_raw_openvino, load_images, make_datamodule, train_case
 
     case = importlib.import_module(f"tests.harness.cases.{name}").CASE
     data_root = dice_root if case.dataset == "dice" else mvtec_root
@@ -122,16 +121,9 @@ def test_int8_export_ranks_planted_defects_like_the_f32_export(
     core = ov.Core()
     scores, fake_quantize = {}, {}
     for precision in ("fp32", "int8"):
-        compression = {}
-        if precision == "int8":
-            compression = {"compression_type": CompressionType.INT8_PTQ, "datamodule": make_datamodule(case, data_root)}
-        xml = trained.engine.export(
-            model=trained.model,
-            export_type=ExportType.OPENVINO,
-            export_root=tmp_path / precision,
-            input_size=(case.image_size, case.image_size),
-            **compression,
-        )
+        calibration = make_datamodule(case, data_root) if precision == "int8" else None
+        # raw scores: normalised ones are clamped to [0, 1] and tie every image beyond the validation range
+        xml = export_raw_openvino(trained.model, trained.engine, case, tmp_path / precision, calibration)
         model = core.read_model(xml)
         # what each quantiser feeds (NNCF names a quantiser after the op whose output it rounds, which may be an
         # op OpenVINO created; the op that reads the rounded values is the one that runs in INT8)

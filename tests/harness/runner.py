@@ -115,6 +115,39 @@ def raw_outputs(model: AnomalibModule, images: torch.Tensor):  # noqa: ANN201
         return model.model(model.pre_processor(images) if model.pre_processor else images)
 
 
+def export_raw_openvino(
+    model: AnomalibModule,
+    engine: Engine,
+    case: ModelCase,
+    export_root: Path,
+    int8_datamodule=None,  # noqa: ANN001
+) -> Path:
+    """Export to OpenVINO with the post-processor's normalisation off, so the graph's scores and maps are the raw
+    ones: normalised scores are clamped to [0, 1], which ties every image beyond the normalisation range and
+    hides whether the export kept their order. ``int8_datamodule`` calibrates an ``INT8_PTQ`` export."""
+    from anomalib.deploy import CompressionType
+
+    compression = {}
+    if int8_datamodule is not None:
+        compression = {"compression_type": CompressionType.INT8_PTQ, "datamodule": int8_datamodule}
+    processor = model.post_processor
+    processor.enable_normalization = False
+    try:
+        size = case.image_size
+        return Path(
+            engine.export(
+                model=model,
+                export_type=ExportType.OPENVINO,
+                export_root=export_root,
+                input_size=(size, size),
+                **case.export_kwargs,
+                **compression,
+            )
+        )
+    finally:
+        processor.enable_normalization = True
+
+
 def load_images(paths: list[str] | list[Path], size: int) -> torch.Tensor:
     """Images as anomalib reads them: RGB float in [0, 1], each resized to the model input, (N, 3, H, W)."""
     from anomalib.data.utils import read_image

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.harness.case import ModelCase
-from tests.harness.runner import load_images, raw_outputs
+from tests.harness.runner import export_raw_openvino, load_images, raw_outputs
 from tests.robustness.models import cheapest_cases, datamodule, engine, write_constant_dataset
 
 CASES = cheapest_cases()
@@ -100,32 +100,6 @@ def _real_images(real_data: Path) -> list[Path]:
     return [path for group in picks for path in group]
 
 
-def _export_raw(model, run, datamodule, case: ModelCase, precision: str, export_root: Path) -> Path:  # noqa: ANN001
-    """Export with the post-processor's normalisation off: the graph's scores and maps are the raw ones (the
-    normalised graph is compared in the harness, on synthetic data)."""
-    from anomalib.deploy import CompressionType, ExportType
-
-    compression = {}
-    if precision == "int8":
-        compression = {"compression_type": CompressionType.INT8_PTQ, "datamodule": datamodule}
-    processor = model.post_processor
-    processor.enable_normalization = False
-    try:
-        size = case.image_size
-        return Path(
-            run.export(
-                model=model,
-                export_type=ExportType.OPENVINO,
-                export_root=export_root,
-                input_size=(size, size),
-                **case.export_kwargs,
-                **compression,
-            )
-        )
-    finally:
-        processor.enable_normalization = True
-
-
 # INT8 may move a normal image's raw score by this share of its value, and must keep the order
 INT8_SCORE_TOLERANCE = 0.1
 INT8_MIN_RANK_CORRELATION = 0.9
@@ -153,7 +127,8 @@ def test_openvino_raw_scores_and_maps_match_torch_on_real_images(
         pytest.skip(f"{case.name} is not exportable")
     if precision == "int8" and not model.quantized_modules():
         pytest.skip(f"{case.name} quantises nothing: its INT8 export is its f32 export")
-    xml = _export_raw(model, run, datamodule, case, precision, tmp_path / "export")
+    calibration = datamodule if precision == "int8" else None
+    xml = export_raw_openvino(model, run, case, tmp_path / "export", calibration)
     if precision == "fp32":
         paths = _real_images(real_data)
     else:  # INT8 is calibrated on the synthetic validation images: compare on that distribution, planted defects
