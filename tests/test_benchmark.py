@@ -141,6 +141,13 @@ def test_dice_options_sessions_and_train_cap(dice_root: Path, tmp_path: Path) ->
     assert train.class_name.nunique() == 11
     assert not set(train.image_path) & (set(val.image_path) | set(test.image_path))
     assert not set(val.image_path) & set(test.image_path)
+    bright = Dice(root=source, holdout_sessions=["16_09_21"], train_sessions=["25_10_21", "26_01_22"]).split_samples()
+    assert len(bright["train"]) and set(bright["train"].session) == {"25_10_21", "26_01_22"}
+    # the same test and validation as without the option: only training loses the other sessions
+    plain = Dice(root=source, holdout_sessions=["16_09_21"]).split_samples()
+    assert list(bright["test"].image_path) == list(plain["test"].image_path)
+    assert list(bright["val"].image_path) == list(plain["val"].image_path)
+    assert set(bright["train"].image_path) < set(plain["train"].image_path)
 
 
 @pytest.mark.parametrize(
@@ -150,6 +157,8 @@ def test_dice_options_sessions_and_train_cap(dice_root: Path, tmp_path: Path) ->
         ({"holdout_sessions": ["sept"]}, "holdout_sessions must be a list"),
         ({"max_train_per_class": 0}, "max_train_per_class must be a positive integer"),
         ({"val_sessions": ["01_01_20"]}, "no training-pool normal of val_sessions"),
+        ({"train_sessions": ["01_01_20"]}, "no training normal of train_sessions"),
+        ({"train_sessions": "25_10_21"}, "train_sessions must be a list"),
     ],
 )
 def test_dice_rejects_bad_options(dice_root: Path, options: dict, fragment: str) -> None:
@@ -395,6 +404,72 @@ def test_dice_dataset_runs_through_dice_with_the_sessions_study(dice_root: Path,
     assert sum(entry["images"] for entry in by_session.values()) == len(val_normals)
     assert set(by_session) <= {"16_09_21", "17_11_21", "25_10_21", "26_01_22"}
     assert "## Study: validation normals per acquisition session" in (out / "results.md").read_text()
+
+
+def test_lighting_study_splits_by_session(dice_root: Path, tmp_path: Path) -> None:
+    """Every arm tests on the dark sessions only (their normals and every dark anomaly, also those Dice put in
+    validation); the bright arms train on the bright sessions only; augmentations reach TeacherStudent as its own
+    options and any other model as extra training views."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import shutil
+
+    from benchmarking.studies import lighting
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from anomalib_ext.data import Dice
+    from anomalib_ext.data.dice import HOLDOUT_SESSIONS
+
+    source = tmp_path / "dice"  # like the real set (no test/), with anomalies of a bright and a dark session
+    (source / "val" / "anomalous").mkdir(parents=True)
+    (source / "train").symlink_to(dice_root / "train", target_is_directory=True)
+    for index, path in enumerate(sorted((dice_root / "val" / "anomalous").glob("*.png"))):
+        name = path.name if index % 2 else path.name.replace("25_10_21", "17_11_21").replace("26_01_22", "17_11_21")
+        shutil.copy(path, source / "val" / "anomalous" / name)
+    datamodule = Dice(root=source, train_sessions=list(lighting.BRIGHT_SESSIONS), num_workers=0)
+    datamodule.setup(TrainerFn.FITTING)
+    samples = [data.samples for data in (datamodule.val_data, datamodule.test_data)]
+    anomalies_before = {
+        path
+        for table in samples
+        for path in table[(table.label_index == 1) & table.session.isin(HOLDOUT_SESSIONS)].image_path
+    }
+    lighting.apply_after_setup(datamodule, {"lighting_augmentation": None})
+    test, val = datamodule.test_data.samples, datamodule.val_data.samples
+    assert set(test.session) <= set(HOLDOUT_SESSIONS) and (test.label_index == 0).any()
+    assert set(test[test.label_index == 1].image_path) == anomalies_before and anomalies_before
+    assert not (val.session.isin(HOLDOUT_SESSIONS) & (val.label_index == 1)).any()
+    assert set(datamodule.train_data.samples.session) <= set(lighting.BRIGHT_SESSIONS)
+    assert test.attrs["task"] == val.attrs["task"]  # anomalib reads the task there
+
+    student = {"class_path": "anomalib_ext.models.TeacherStudent", "init_args": {}, "histaugan_checkpoint": None}
+    jitter = lighting.model_for_cell({**student, "lighting_augmentation": "jitter"})
+    assert (jitter["init_args"]["color_jitter"], jitter["init_args"]["histaugan_checkpoint"]) == (lighting.JITTER, None)
+    restyled = lighting.model_for_cell({**student, "lighting_augmentation": "histaugan", "histaugan_checkpoint": "g"})
+    assert (restyled["init_args"]["color_jitter"], restyled["init_args"]["histaugan_checkpoint"]) == (0.0, "g")
+    assert "train_views" not in restyled and restyled["lighting_augmentation"] is None
+    fit_only = {"class_path": "anomalib_ext.models.Dfkdm", "init_args": {}, "lighting_augmentation": "histaugan"}
+    assert lighting.model_for_cell(fit_only)["train_views"] == lighting.VIEWS
+
+
+def test_lighting_study_runs_four_arms_with_a_histaugan_trained_for_the_run(dice_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"  # the synthetic set's test/ holds dark-session normals and defects
+    completed = run_benchmark(
+        *("--dataset", f"dice={dice_root}", "--model", "dfkdm=configs/dfkdm/backbone.yaml", "--study", "lighting"),
+        *("--histaugan-minutes", "0.05", "--no-openvino", "--image-size", "64", "--speed-images", "2"),
+        *("--visuals", "0", "--max-epochs", "1", "--out", str(out)),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = {row["model"]: row for row in csv.DictReader((out / "results.csv").open())}
+    assert sorted(rows) == sorted(f"dfkdm@{arm}" for arm in ("all", "bright", "bright+jitter", "bright+histaugan"))
+    assert all(row["status"] == "ok" for row in rows.values()), [row["error"] for row in rows.values()]
+    bright = int(rows["dfkdm@bright"]["n_train"])
+    assert 0 < bright < int(rows["dfkdm@all"]["n_train"])
+    assert int(rows["dfkdm@bright+jitter"]["n_train"]) == int(rows["dfkdm@bright+histaugan"]["n_train"]) == 4 * bright
+    assert len({(row["n_test"], row["n_test_anomalous"]) for row in rows.values()}) == 1
+    assert int(rows["dfkdm@all"]["n_test_anomalous"]) > 0 and float(rows["dfkdm@all"]["image_auroc"]) > 0.8
+    assert (out / "histaugan" / "generator.pt").is_file() and (out / "histaugan" / "restyled_dice.png").is_file()
+    report = (out / "results.md").read_text()
+    assert "## Study: lighting shift" in report and "gap closed" in report
 
 
 def test_export_precisions_give_one_row_each_with_the_exported_models_auroc_and_the_trunk(tmp_path: Path) -> None:

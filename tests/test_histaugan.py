@@ -118,6 +118,11 @@ def test_transform_keeps_shape_dtype_and_range(trained: dict) -> None:
     assert augment(batch).shape == batch.shape
     gray = torch.rand(1, IMAGE_SIZE, IMAGE_SIZE)
     assert augment(gray).shape == gray.shape
+    # a grey image stored as RGB gets no colour cast; a colour one in the same batch keeps its colours
+    grey_rgb = torch.stack([gray.expand(3, -1, -1), torch.rand(3, IMAGE_SIZE, IMAGE_SIZE)])
+    rendered = augment(grey_rgb)
+    assert torch.equal(rendered[0, 0], rendered[0, 1]) and torch.equal(rendered[0, 1], rendered[0, 2])
+    assert not torch.equal(rendered[1, 0], rendered[1, 1])
     as_uint8 = (torch.rand(3, IMAGE_SIZE, IMAGE_SIZE) * 255).to(torch.uint8)
     assert augment(as_uint8).dtype == torch.uint8
 

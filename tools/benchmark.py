@@ -4,7 +4,7 @@ Every (dataset, model, seed) run is a cell in its own process with a time limit;
 at once, so a long run can be stopped and resumed (``--resume DIR``) and a failing or hung model is recorded
 with its error while the others continue (the exit status is then 1). Every dataset is checked file by file
 before the first cell runs, so a bad image is named at once instead of failing each cell. Studies
-(``--study sessions|augmentation|scaling``) run on the same cells. See ``docs/benchmark.md``.
+(``--study sessions|augmentation|scaling|lighting``) run on the same cells. See ``docs/benchmark.md``.
 
 Examples::
 
@@ -52,7 +52,7 @@ MANIFEST = "benchmark.json"
 RESULT_SETTINGS = (
     *("image_size", "max_epochs", "seed", "batch_size", "speed_images", "openvino", "quick", "threads"),
     *("val_split", "val_draws", "speed_only", "study", "train_counts", "augmented_views", "export_precisions"),
-    *("devices", "strategy"),
+    *("devices", "strategy", "histaugan_minutes"),
 )
 EXIT_FAILED_CELLS = 1  # some cell failed or timed out (its row says why)
 EXIT_USAGE = 2  # bad arguments or data: nothing ran
@@ -135,6 +135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--augmented-views", type=int, default=8, help="--study augmentation: views per training image (default 8)"
+    )
+    parser.add_argument(
+        "--histaugan-minutes",
+        type=float,
+        default=10.0,
+        help="--study lighting: wall-clock budget of the run's HistAuGAN training (default 10)",
     )
     parser.add_argument(
         "--threads",
@@ -228,6 +234,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "study": args.study,
         "train_counts": sorted(args.train_counts) if args.study == "scaling" else [],
         "augmented_views": args.augmented_views if args.study == "augmentation" else None,
+        "histaugan_minutes": args.histaugan_minutes if args.study == "lighting" else None,
         "devices": args.devices,
         "strategy": args.strategy if args.devices > 1 else None,
     }
@@ -341,9 +348,10 @@ def resolve_cell_model(model: dict[str, Any], dataset: dict[str, Any]) -> dict[s
     if not model.get("config_family"):
         return model
     config = resolve_config_family(model["config_family"], dataset["kind"], dataset.get("scaling_of", dataset["label"]))
-    resolved = parse_model(str(config)).to_dict()
-    resolved["label"] = model["label"]
-    resolved["init_args"].update(model["init_args"])
+    parsed = parse_model(str(config)).to_dict()
+    # a study's own keys (training views, dataset options) stay; the config's class and trainer come in
+    resolved = {**model, **parsed, "label": model["label"]}
+    resolved["init_args"] = {**parsed["init_args"], **model["init_args"]}
     return resolved
 
 
@@ -481,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest["settings"].setdefault("export_precisions", ["fp32"])  # runs from before the option
             manifest["settings"].setdefault("devices", 1)  # runs from before --devices
             manifest["settings"].setdefault("strategy", None)
+            manifest["settings"].setdefault("histaugan_minutes", None)  # runs from before --study lighting
             changed = [
                 f"{key}: was {manifest['settings'].get(key)!r}, now {settings.get(key)!r}"
                 for key in RESULT_SETTINGS
@@ -522,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings["study"],
                 prepare_datasets(dataset_specs, settings["seed"]),
                 [model.to_dict() for model in models],
-                settings,
+                {**settings, "out_dir": str(out)},  # where a study keeps what its cells share
             )
         manifest_path.write_text(json.dumps(manifest, indent=2))
     except (SpecError, ValueError, OSError) as error:

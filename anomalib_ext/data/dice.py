@@ -159,6 +159,9 @@ class Dice(AnomalibDataModule):
         val_sessions: acquisition dates whose training-pool normals provide the validation normals (a seeded,
             class-stratified ``val_split_ratio`` share of those sessions' normals); empty = every session.
             Validating on the sessions a plant will shift to puts the threshold where test normals will be.
+        train_sessions: acquisition dates whose normals the model may train on (empty = every session); the others
+            are dropped from training after validation and test were taken out, e.g. to train on the bright
+            sessions only and test on the dark ones (``tools/benchmark.py --study lighting``).
         max_train_per_class: keep at most this many training normals per class (seeded; ``None`` = all), to
             bound the fit time of slow models. Applied after validation and test were taken out.
         val_split_mode: ``None`` picks ``from_dir`` when ``val/`` exists, else ``synthetic``.
@@ -177,6 +180,7 @@ class Dice(AnomalibDataModule):
         holdout_sessions: Sequence[str] = HOLDOUT_SESSIONS,
         holdout_fraction: float = HOLDOUT_FRACTION,
         val_sessions: Sequence[str] = (),
+        train_sessions: Sequence[str] = (),
         max_train_per_class: int | None = None,
         val_split_mode: ValSplitMode | str | None = None,
         seed: int | None = 0,
@@ -213,11 +217,17 @@ class Dice(AnomalibDataModule):
             msg = f"Dice: holdout_fraction must be in (0, 1], got {holdout_fraction}"
             raise ValueError(msg)
         self.holdout_fraction = holdout_fraction
-        for name, sessions in (("holdout_sessions", holdout_sessions), ("val_sessions", val_sessions)):
+        session_lists = (
+            ("holdout_sessions", holdout_sessions),
+            ("val_sessions", val_sessions),
+            ("train_sessions", train_sessions),
+        )
+        for name, sessions in session_lists:
             if isinstance(sessions, str) or not all(isinstance(s, str) and _SESSION.fullmatch(s) for s in sessions):
                 msg = f"Dice: {name} must be a list of dd_mm_yy dates like ['16_09_21'], got {sessions!r}"
                 raise ValueError(msg)
         self.val_sessions = tuple(val_sessions)
+        self.train_sessions = tuple(train_sessions)
         if max_train_per_class is not None and (isinstance(max_train_per_class, bool) or max_train_per_class < 1):
             msg = f"Dice: max_train_per_class must be a positive integer or None, got {max_train_per_class!r}"
             raise ValueError(msg)
@@ -279,6 +289,11 @@ class Dice(AnomalibDataModule):
             msg = "Dice: val_sessions needs validation from the data (val/ anomalies, val_split_mode 'from_dir')"
             raise ValueError(msg)
         train, val = _without_copies(train, val, test)
+        if self.train_sessions:
+            train = train[train.session.isin(self.train_sessions)]
+            if train.empty:
+                msg = f"Dice: no training normal of train_sessions {self.train_sessions} under '{self.root}'"
+                raise ValueError(msg)
         if self.max_train_per_class is not None:
             rng = np.random.default_rng(self.seed)
             keep = [

@@ -90,6 +90,7 @@ DICE_OPTIONS = (
     "holdout_sessions",
     "holdout_fraction",
     "val_sessions",
+    "train_sessions",
     "val_split_ratio",
     "test_split_ratio",
     "max_train_per_class",
@@ -195,13 +196,15 @@ def setup_datamodule(datamodule, draw_seed: int, model_spec: dict[str, Any], dat
     from lightning.pytorch.trainer.states import TrainerFn
 
     from anomalib_ext.data.seeded_split import mark_drawn_with_seed
-    from benchmarking.studies import augmentation, scaling
+    from benchmarking.studies import augmentation, lighting, scaling
 
     augmentation.apply_before_setup(datamodule, model_spec)
+    lighting.apply_before_setup(datamodule, model_spec)
     seed_everything(draw_seed, workers=True, verbose=False)
     datamodule.setup(TrainerFn.FITTING)
     mark_drawn_with_seed(datamodule, draw_seed)  # our models keep this draw (they would redraw an unseeded one)
     augmentation.apply_after_setup(datamodule, model_spec)
+    lighting.apply_after_setup(datamodule, model_spec)
     scaling.apply_after_setup(datamodule, dataset)
 
 
@@ -473,9 +476,16 @@ def openvino_stage(engine, model, datamodule, images: list, torch_scores: list, 
     return result
 
 
+def cell_dataset(spec: dict[str, Any]) -> dict[str, Any]:
+    """The cell's dataset spec, with the options a study gave this model (``dataset_options``) merged in."""
+    dataset = spec["dataset"]
+    return {**dataset, "options": {**dataset["options"], **spec["model"].get("dataset_options", {})}}
+
+
 def run_cell(spec_path: Path) -> int:
     """Run every stage of one cell; write ``partial.json`` after each and ``result.json`` at the end."""
     spec = json.loads(spec_path.read_text())
+    spec["dataset"] = cell_dataset(spec)
     cell_dir = Path(spec["cell_dir"])
     settings = spec["settings"]
     seed = int(spec.get("seed", settings["seed"]))
@@ -499,12 +509,13 @@ def run_cell(spec_path: Path) -> int:
 
         import anomalib_ext  # noqa: F401  (registers our models)
         from benchmarking import speed
-        from benchmarking.studies import sessions
+        from benchmarking.studies import lighting, sessions
 
         result["baseline_rss_mb"] = peak_rss_mb()  # python + torch + anomalib imported, no model or data yet
         torch.set_num_threads(settings["threads"])
         seed_everything(seed, workers=True)
         image_size = spec["dataset"]["options"].get("image_size", settings["image_size"])
+        spec["model"] = lighting.model_for_cell(spec["model"])  # the arm's augmentation, as the model takes it
         model = build_model(spec["model"], image_size, seed, data_checked=True)  # check_dataset ran in the parent
         datamodule = build_datamodule(spec["dataset"], seed, settings["batch_size"], settings["val_split"])
         setup_datamodule(datamodule, seed, spec["model"], spec["dataset"])

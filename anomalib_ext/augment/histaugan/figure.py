@@ -48,7 +48,7 @@ def structure_similarity_on_edges(originals: torch.Tensor, rendered: torch.Tenso
     return similarity[edge_mask(originals)].mean().item()
 
 
-def _read(path: Path) -> torch.Tensor:
+def read_image(path: Path) -> torch.Tensor:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         msg = f"could not read image file {path}"
@@ -130,15 +130,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"no images found under {args.images}")
     augment = HistAuGANAugment(args.checkpoint, p=1.0, image_size=args.image_size)
     picks = np.random.default_rng(args.seed).permutation(len(paths))
-    figure = make_figure(augment, [_read(paths[i]) for i in picks[: args.rows]], args.renders, args.tile, args.seed)
+    figure = make_figure(
+        augment, [read_image(paths[i]) for i in picks[: args.rows]], args.renders, args.tile, args.seed
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(args.out), figure, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     print(f"figure: {args.out} ({args.out.stat().st_size / 1024:.0f} KB)")  # noqa: T201
-    numbers = measure(augment, [_read(paths[i]) for i in picks[: args.stats]], args.seed)
+    numbers = measure(augment, [read_image(paths[i]) for i in picks[: args.stats]], args.seed)
     for name, value in numbers.items():
         print(f"{name}: {value:.4f}")  # noqa: T201
     if args.per_domain:
-        stats_images = [_read(paths[i]) for i in picks[: args.stats]]
+        stats_images = [read_image(paths[i]) for i in picks[: args.stats]]
         for name, value in per_domain_intensity(augment, stats_images, args.seed).items():
             print(f"mean intensity x255, {name}: {value:.1f}")  # noqa: T201
 

@@ -103,6 +103,9 @@ class HistAuGANAugment(Transform):
             rendered = batch + F.interpolate(change, size=(height, width), mode="bilinear", align_corners=False)
         if channels == 1:
             rendered = rendered.mean(dim=1, keepdim=True)
+        else:  # a grey image stored as RGB (the dice set) stays grey: a colour cast is no lighting a camera gives it
+            grey = (batch.amax(dim=1) - batch.amin(dim=1)).flatten(1).amax(dim=1) == 0
+            rendered[grey] = rendered[grey].mean(dim=1, keepdim=True).expand(-1, channels, -1, -1)
         return rendered.clamp(0, 1).to(device=images.device, dtype=images.dtype)
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarking.studies import augmentation, scaling, sessions
+from benchmarking.studies import augmentation, lighting, scaling, sessions
 
-STUDIES = {"augmentation": augmentation, "scaling": scaling, "sessions": sessions}
+STUDIES = {"augmentation": augmentation, "lighting": lighting, "scaling": scaling, "sessions": sessions}
 
 
 def expand(

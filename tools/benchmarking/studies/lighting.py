@@ -1,0 +1,278 @@
+"""``--study lighting``: does HistAuGAN make a model hold on acquisition sessions with other lighting?
+
+The dice sessions differ in lighting: ``16_09_21`` and ``17_11_21`` are about 10 grey levels darker than
+``25_10_21`` and ``26_01_22``. Every ``--model`` becomes four arms, all tested on the **dark sessions only** (the
+held-out normals of ``Dice``'s protocol and every dark-session anomaly) and validated on bright normals:
+
+- ``@all``: trained on every session: the reference, the shift was seen in training;
+- ``@bright``: trained on the bright sessions only, no photometric augmentation;
+- ``@bright+jitter``: bright only, plus colour/brightness jitter, the cheap alternative every user tries first;
+- ``@bright+histaugan``: bright only, plus HistAuGAN re-renderings into the style of every session.
+
+HistAuGAN is trained once per run (``<out>/histaugan/generator.pt``, seeded, ``--histaugan-minutes`` of wall time)
+with the four sessions as domains, on the normals of ``Dice``'s training pool, never on a test image: it sees
+dark images, for their style, which the bright arms' models never do. A plant has such images when a new camera
+or lamp arrives; the study asks whether their style alone, carried onto the bright normals, is worth as much as
+training on them.
+
+How an augmentation reaches a model: a model with its own (``color_jitter`` and ``histaugan_checkpoint``
+arguments, TeacherStudent) gets them set (jitter 0 in ``@all``, ``@bright``, ``@bright+histaugan``); any other
+model (a fit-only one) gets its normal set extended: the training split repeated ``VIEWS`` times, each view
+through the augmentation with probability 0.5, and the plain arms keep one view.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+BRIGHT_SESSIONS = ("25_10_21", "26_01_22")
+ARMS = ("all", "bright", "bright+jitter", "bright+histaugan")
+VIEWS = 4  # training views of each normal in the fit-only arms with an augmentation
+AUGMENT_P = 0.5  # share of those views (and of TeacherStudent's HistAuGAN samples) that are re-rendered
+JITTER = 0.15  # brightness and contrast jitter: TeacherStudent's default ``color_jitter``
+HISTAUGAN = {"image_size": 64, "base_channels": 16, "attribute_dim": 8, "max_images": 1200, "batch_size": 8}
+SESSION_REGEX = r"_(\d\d_\d\d_\d\d)_"  # as configs/histaugan/dice.yaml
+METRICS = ("image_auroc", "image_f1", "pixel_auroc")
+MIN_GAP = 0.002  # an AUROC gap below this is no gap (the spread of repeated fits is larger)
+
+
+def generator_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "histaugan" / "generator.pt"
+
+
+def expand(
+    datasets: list[dict[str, Any]], models: list[dict[str, Any]], settings: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Four arms per model on the dice datasets; trains the run's HistAuGAN generator first (once)."""
+    if not datasets or any(dataset["kind"] != "dice" for dataset in datasets):
+        msg = "--study lighting needs dice-layout datasets (their file names carry the acquisition session)"
+        raise ValueError(msg)
+    generator = generator_path(settings["out_dir"])
+    for dataset in datasets:
+        if (Path(dataset["path"]) / "val").is_dir():  # validation normals from the bright sessions only
+            dataset["options"] = {**dataset["options"], "val_sessions": list(BRIGHT_SESSIONS)}
+        if not generator.is_file():
+            train_generator(dataset, settings["seed"], generator, settings.get("histaugan_minutes") or 10.0)
+    arms = []
+    for model in models:
+        for arm in ARMS:
+            options = {} if arm == "all" else {"train_sessions": list(BRIGHT_SESSIONS)}
+            augmentation = arm.partition("+")[2] or None
+            arms.append(
+                {
+                    **model,
+                    "label": f"{model['label']}@{arm}",
+                    "dataset_options": options,
+                    "lighting_augmentation": augmentation,
+                    "histaugan_checkpoint": str(generator) if augmentation == "histaugan" else None,
+                }
+            )
+    return datasets, arms
+
+
+def train_generator(dataset: dict[str, Any], seed: int, path: Path, minutes: float) -> None:
+    """HistAuGAN with one domain per session, on the normals the dataset's test split never holds."""
+    from anomalib.data.utils import LabelName
+    from lightning.pytorch import Trainer, seed_everything
+
+    from anomalib_ext.augment.histaugan import HistAuGAN, HistAuGANDataModule
+    from anomalib_ext.data import Dice
+
+    # the whole training pool (no per-class cap: it is there to bound the anomaly models' fit time)
+    uncapped = {"max_train_per_class", "train_sessions"}
+    options = {
+        key: value
+        for key, value in dataset["options"].items()
+        if key in inspect.signature(Dice).parameters and key not in uncapped
+    }
+    tables = Dice(root=dataset["path"], seed=seed, **options).split_samples()
+    normals = [
+        path
+        for table in (tables["train"], tables["val"])
+        for path in table[table.label_index == LabelName.NORMAL].image_path
+    ]
+    pool = path.parent / "pool"  # links, so the generator's datamodule reads exactly these files
+    pool.mkdir(parents=True, exist_ok=True)
+    for source in normals:
+        link = pool / Path(source).name
+        if not link.exists():
+            link.symlink_to(Path(source).resolve())
+    print(f"lighting study: training HistAuGAN on {len(normals)} normals, {minutes:g} min", flush=True)  # noqa: T201
+    seed_everything(seed, workers=True, verbose=False)
+    data = HistAuGANDataModule(
+        root=pool,
+        image_size=HISTAUGAN["image_size"],
+        batch_size=HISTAUGAN["batch_size"],
+        domain_regex=SESSION_REGEX,
+        max_images=HISTAUGAN["max_images"],
+        seed=seed,
+    )
+    gan = HistAuGAN(
+        num_domains=data.num_domains,
+        image_size=HISTAUGAN["image_size"],
+        base_channels=HISTAUGAN["base_channels"],
+        attribute_dim=HISTAUGAN["attribute_dim"],
+        export_path=str(path),
+    )
+    Trainer(
+        accelerator="auto",
+        devices=1,
+        max_epochs=1000,
+        max_time={"seconds": minutes * 60},
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=path.parent,
+    ).fit(gan, datamodule=data)
+    write_figure(path, pool, path.parent / "restyled_dice.png", seed)
+
+
+def write_figure(generator: Path, images: Path, out: Path, seed: int) -> None:
+    """Bright normals re-rendered into every session's style (``histaugan.figure``'s grid)."""
+    import cv2
+    import numpy as np
+
+    from anomalib_ext.augment.histaugan import HistAuGANAugment
+    from anomalib_ext.augment.histaugan.figure import make_figure, read_image
+
+    bright = sorted(
+        path for path in images.iterdir() if any(f"_{session}_" in path.name for session in BRIGHT_SESSIONS)
+    )
+    picks = np.random.default_rng(seed).permutation(len(bright))[:4]
+    augment = HistAuGANAugment(generator, p=1.0)
+    grid = make_figure(augment, [read_image(bright[index]) for index in picks], augment.num_domains, 96, seed)
+    cv2.imwrite(str(out), grid, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+
+
+def model_for_cell(model_spec: dict[str, Any]) -> dict[str, Any]:
+    """The arm's augmentation as the model's own options when it has them (TeacherStudent), else as views."""
+    if "lighting_augmentation" not in model_spec:
+        return model_spec
+    from benchmarking.cell import import_class
+
+    augmentation = model_spec["lighting_augmentation"]
+    parameters = inspect.signature(import_class(model_spec["class_path"]).__init__).parameters
+    spec = {**model_spec, "init_args": dict(model_spec.get("init_args") or {})}
+    if {"color_jitter", "histaugan_checkpoint"} <= parameters.keys():
+        spec["init_args"]["color_jitter"] = JITTER if augmentation == "jitter" else 0.0
+        spec["init_args"]["histaugan_checkpoint"] = spec["histaugan_checkpoint"]
+        spec["init_args"]["histaugan_p"] = AUGMENT_P
+        spec["lighting_augmentation"] = None  # the model varies its normals itself
+    elif augmentation:
+        spec["train_views"] = VIEWS
+    return spec
+
+
+def apply_before_setup(datamodule, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
+    """Fit-only arms: the augmentation every training view goes through."""
+    augmentation = model_spec.get("lighting_augmentation")
+    if not augmentation:
+        return
+    from torchvision.transforms import v2
+
+    if augmentation == "jitter":
+        transform = v2.ColorJitter(brightness=JITTER, contrast=JITTER)
+    else:
+        from anomalib_ext.augment.histaugan import HistAuGANAugment
+
+        transform = HistAuGANAugment(model_spec["histaugan_checkpoint"], p=1.0)
+    datamodule.train_augmentations = v2.RandomApply([transform], p=AUGMENT_P)
+
+
+def apply_after_setup(datamodule, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
+    """Test on the dark sessions only: their held-out normals and every dark-session anomaly (those ``Dice``
+    put in validation move to test, so validation keeps bright normals and anomalies of no dark session)."""
+    if "lighting_augmentation" not in model_spec:
+        return
+    import pandas as pd
+    from anomalib.data.utils import LabelName
+
+    from anomalib_ext.data.dice import HOLDOUT_SESSIONS
+
+    test, val = datamodule.test_data.samples, datamodule.val_data.samples
+    test_attrs, val_attrs = dict(test.attrs), dict(val.attrs)  # anomalib keeps the task there; pandas drops it
+    if "session" in val.columns:  # Dice's own validation (a synthetic one has no sessions and no real anomaly)
+        dark_anomalies = val[(val.label_index == LabelName.ABNORMAL) & val.session.isin(HOLDOUT_SESSIONS)]
+        val = val.drop(dark_anomalies.index).reset_index(drop=True)
+        val.attrs.update(val_attrs)
+        datamodule.val_data.samples = val
+        test = pd.concat([test, dark_anomalies], ignore_index=True)
+    test = test[test.session.isin(HOLDOUT_SESSIONS)].reset_index(drop=True)
+    test.attrs.update(test_attrs)
+    datamodule.test_data.samples = test
+
+
+def _mean_and_range(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    return f"{mean:.3f} [{min(values):.3f}, {max(values):.3f}]" if len(values) > 1 else f"{mean:.3f}"
+
+
+def _gap_closed(by_arm: dict[str, list[dict[str, Any]]], arm: str, key: str) -> str:
+    """``(arm - bright) / (all - bright)`` of the seed means of ``key``; "–" when there is no gap to close."""
+    reference, bright, value = (_mean(by_arm.get(name, []), key) for name in ("all", "bright", arm))
+    if None in (reference, bright, value) or reference - bright <= MIN_GAP:
+        return "–"
+    return f"{(value - bright) / (reference - bright):.0%}"
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def report(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model and arm: dark-session image AUROC and F1 over seeds; the share of the gap each augmentation closes."""
+    ok = [row for row in rows if row.get("status") == "ok" and "@" in row["model"]]
+    lines = ["## Study: lighting shift (train bright sessions, test dark sessions)", ""]
+    lines += [
+        "Test: dark sessions only (16_09_21, 17_11_21); validation: bright normals. Mean [min, max] over seeds. Gap "
+        f"closed = (arm - bright) / (all - bright) of the means; '–' where all - bright <= {MIN_GAP}.",
+        "",
+        "| dataset | model | arm | seeds | train normals | test normals / anomalies | image AUROC | AUROC gap closed "
+        "| image F1 | F1 gap closed | flag-everything F1 | pixel AUROC |",
+        "|---|---|---|---:|---:|---|---|---:|---|---:|---:|---|",
+    ]
+    groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
+    for row in ok:
+        base, _, arm = row["model"].rpartition("@")
+        groups.setdefault((row["dataset"], base), {}).setdefault(arm, []).append(row)
+    verdicts = []
+    for (dataset, base), by_arm in groups.items():
+        for arm in ARMS:
+            arm_rows = by_arm.get(arm, [])
+            if not arm_rows:
+                continue
+            first = arm_rows[0]
+            anomalies, total = first.get("n_test_anomalous") or 0, first.get("n_test") or 0
+            share = anomalies / total if total else 0.0
+            values = {key: [row[key] for row in arm_rows if row.get(key) is not None] for key in METRICS}
+            lines.append(
+                f"| {dataset} | {base} | {arm} | {len(arm_rows)} | {first.get('n_train')} | "
+                f"{total - anomalies} / {anomalies} | {_mean_and_range(values['image_auroc'])} | "
+                f"{_gap_closed(by_arm, arm, 'image_auroc') if arm.startswith('bright+') else '–'} | "
+                f"{_mean_and_range(values['image_f1'])} | "
+                f"{_gap_closed(by_arm, arm, 'image_f1') if arm.startswith('bright+') else '–'} | "
+                f"{2 * share / (1 + share):.3f} | {_mean_and_range(values['pixel_auroc'])} |"
+            )
+        means = {arm: _mean(by_arm.get(arm, []), "image_auroc") for arm in ARMS}
+        if None in means.values():
+            continue
+        bright, reference = means["bright"], means["all"]
+        histaugan, jitter, gap = means["bright+histaugan"], means["bright+jitter"], reference - bright
+        figures = (
+            f"{dataset} / {base}, image AUROC: bright only {bright:.3f}, all sessions {reference:.3f} "
+            f"(gap {gap:+.3f}); +HistAuGAN {histaugan:.3f}, +jitter {jitter:.3f}"
+        )
+        if gap <= MIN_GAP:
+            verdict = "no AUROC gap to close (bright-only training ranks the dark sessions as well)"
+        elif histaugan >= bright + gap / 2 and histaugan > jitter:
+            verdict = "HistAuGAN closes at least half the gap and beats jitter"
+        else:
+            verdict = "HistAuGAN does NOT close half the gap and beat jitter"
+        better = "above" if histaugan > jitter else "not above"
+        verdicts.append(f"- {figures}: {verdict}; HistAuGAN is {better} jitter.")
+    return [*lines, "", *verdicts, ""]
