@@ -10,10 +10,10 @@ held-out normals of ``Dice``'s protocol and every dark-session anomaly) and vali
 - ``@bright+histaugan``: bright only, plus HistAuGAN re-renderings into the style of every session.
 
 HistAuGAN is trained once per run (``<out>/histaugan/generator.pt``, seeded, ``--histaugan-minutes`` of wall time)
-with the four sessions as domains, on the normals of ``Dice``'s training pool, never on a test image: it sees
-dark images, for their style, which the bright arms' models never do. A plant has such images when a new camera
-or lamp arrives; the study asks whether their style alone, carried onto the bright normals, is worth as much as
-training on them.
+with ``configs/histaugan/dice.yaml``'s settings, the four sessions as domains, on the normals of ``Dice``'s
+training pool, never on a test image: it sees dark images, for their style, which the bright arms' models never
+do. A plant has such images when a new camera or lamp arrives; the study asks whether their style alone, carried
+onto the bright normals, is worth as much as training on them.
 
 How an augmentation reaches a model: a model with its own (``color_jitter`` and ``histaugan_checkpoint``
 arguments, TeacherStudent) gets them set (jitter 0 in ``@all``, ``@bright``, ``@bright+histaugan``); any other
@@ -27,13 +27,14 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from benchmarking.specs import CONFIG_ROOT
+
 BRIGHT_SESSIONS = ("25_10_21", "26_01_22")
 ARMS = ("all", "bright", "bright+jitter", "bright+histaugan")
 VIEWS = 4  # training views of each normal in the fit-only arms with an augmentation
 AUGMENT_P = 0.5  # share of those views (and of TeacherStudent's HistAuGAN samples) that are re-rendered
 JITTER = 0.15  # brightness and contrast jitter: TeacherStudent's default ``color_jitter``
-HISTAUGAN = {"image_size": 64, "base_channels": 16, "attribute_dim": 8, "max_images": 1200, "batch_size": 8}
-SESSION_REGEX = r"_(\d\d_\d\d_\d\d)_"  # as configs/histaugan/dice.yaml
+HISTAUGAN_CONFIG = CONFIG_ROOT / "histaugan" / "dice.yaml"  # the shipped dice generator: sessions as domains
 METRICS = ("image_auroc", "image_f1", "pixel_auroc")
 MIN_GAP = 0.002  # an AUROC gap below this is no gap (the spread of repeated fits is larger)
 
@@ -74,6 +75,7 @@ def expand(
 
 def train_generator(dataset: dict[str, Any], seed: int, path: Path, minutes: float) -> None:
     """HistAuGAN with one domain per session, on the normals the dataset's test split never holds."""
+    import yaml
     from anomalib.data.utils import LabelName
     from lightning.pytorch import Trainer, seed_everything
 
@@ -100,22 +102,13 @@ def train_generator(dataset: dict[str, Any], seed: int, path: Path, minutes: flo
         if not link.exists():
             link.symlink_to(Path(source).resolve())
     print(f"lighting study: training HistAuGAN on {len(normals)} normals, {minutes:g} min", flush=True)  # noqa: T201
+    # the shipped dice config's generator and data settings; this run's images, seed, budget and export path
+    config = yaml.safe_load(HISTAUGAN_CONFIG.read_text())
+    data_options = {key: value for key, value in config["data"].items() if key != "root"}
+    model_options = {key: value for key, value in config["model"].items() if key != "export_path"}
     seed_everything(seed, workers=True, verbose=False)
-    data = HistAuGANDataModule(
-        root=pool,
-        image_size=HISTAUGAN["image_size"],
-        batch_size=HISTAUGAN["batch_size"],
-        domain_regex=SESSION_REGEX,
-        max_images=HISTAUGAN["max_images"],
-        seed=seed,
-    )
-    gan = HistAuGAN(
-        num_domains=data.num_domains,
-        image_size=HISTAUGAN["image_size"],
-        base_channels=HISTAUGAN["base_channels"],
-        attribute_dim=HISTAUGAN["attribute_dim"],
-        export_path=str(path),
-    )
+    data = HistAuGANDataModule(root=pool, seed=seed, **data_options)
+    gan = HistAuGAN(num_domains=data.num_domains, image_size=data.image_size, export_path=str(path), **model_options)
     Trainer(
         accelerator="auto",
         devices=1,
