@@ -490,6 +490,11 @@ def test_export_precisions_give_one_row_each_with_the_exported_models_auroc_and_
             float(row["openvino_images_per_s"]) / float(row["backbone_img_per_s"])
         )
     assert fp32["backbone_img_per_s"] == int8["backbone_img_per_s"]  # one trunk timing per cell
+    # the trunk quantised whole, timed in the same interleaving: the ceiling of a model's INT8 speed-up
+    assert float(int8["backbone_int8_speedup"]) == pytest.approx(
+        float(int8["backbone_int8_img_per_s"]) / float(int8["backbone_img_per_s"])
+    )
+    assert int(int8["openvino_timed_passes"]) >= 1
     assert float(fp32["openvino_speedup_vs_fp32"]) == 1.0
     assert float(int8["openvino_speedup_vs_fp32"]) == pytest.approx(
         float(int8["openvino_images_per_s"]) / float(fp32["openvino_images_per_s"])

@@ -66,15 +66,17 @@ def _brute_force_scores(model, embeddings: torch.Tensor) -> torch.Tensor:  # noq
     return scores
 
 
-@pytest.mark.parametrize(("neighborhood", "num_neighbors"), [(1, 1), (1, 3), (2, 2), (0, 1)])
+@pytest.mark.parametrize(
+    ("neighborhood", "num_neighbors", "width"), [(1, 1, 64), (1, 3, 64), (2, 2, 64), (0, 1, 64), (1, 2, 40)]
+)
 def test_position_aware_scores_read_each_bank_position_once_and_equal_the_definition(
-    neighborhood: int, num_neighbors: int
+    neighborhood: int, num_neighbors: int, width: int
 ) -> None:
     from anomalib_ext.models.tile_outlier.torch_model import TileOutlierModel
 
     torch.manual_seed(0)
     model = TileOutlierModel(
-        image_size=(64, 64),
+        image_size=(64, width),
         num_parts=None,
         tile_size=16,
         stride=8,
@@ -90,9 +92,10 @@ def test_position_aware_scores_read_each_bank_position_once_and_equal_the_defini
         max_bank_size=7 * 7 * 5,
         map_sigma=0.0,
     ).eval()
-    normal = torch.nn.functional.normalize(torch.randn(12, 7, 7, 24), dim=-1)
+    rows, cols = model.grid.shape  # 7 x 7, or 7 x 4 (a grid that is not square)
+    normal = torch.nn.functional.normalize(torch.randn(12, rows, cols, 24), dim=-1)
     model.fit_bank(normal)
-    queries = torch.nn.functional.normalize(torch.randn(2, 7, 7, 24), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(2, rows, cols, 24), dim=-1)
     with torch.no_grad():
         torch.testing.assert_close(model.tile_scores(queries), _brute_force_scores(model, queries), atol=1e-5, rtol=0)
 

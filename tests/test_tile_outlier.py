@@ -11,7 +11,7 @@ from anomalib_ext.models.components.sampling import (
     greedy_coreset_indices,
     grouped_greedy_coreset_indices,
 )
-from anomalib_ext.models.components.tiling import TileGrid, paint_tile_scores
+from anomalib_ext.models.components.tiling import TileGrid, paint_tile_scores, painting_operators
 
 
 def _torch_model(**kwargs):
@@ -40,10 +40,22 @@ def test_tiles_cover_the_whole_image_for_sizes_not_divisible(grid, size: tuple[i
         covered[y0:y1, x0:x1] += 1
     assert covered.min() >= 1, "some pixels belong to no tile"
     # painting a constant score back gives that constant everywhere, i.e. coverage counts are right
-    row_member, col_member = tiles.painting_matrices()
-    painted = paint_tile_scores(torch.full((1, *tiles.shape), 0.7), row_member, col_member)
+    painted = paint_tile_scores(torch.full((1, *tiles.shape), 0.7), *painting_operators(tiles))
     assert painted.shape == (1, *size)
     torch.testing.assert_close(painted, torch.full_like(painted, 0.7))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (100, 72)])
+def test_blur_folded_into_painting_equals_painting_then_blurring(size: tuple[int, int]) -> None:
+    """The TileOutlier map is painted and smoothed by two matrices: the same map as painting, then blurring."""
+    from anomalib_ext.models.components import GaussianBlur
+
+    tiles = TileGrid.from_tile_size(size, 16, 8)
+    blur = GaussianBlur(4.0, truncate=4.0)
+    scores = torch.rand(2, *tiles.shape)
+    painted_then_blurred = blur(paint_tile_scores(scores, *painting_operators(tiles)).unsqueeze(1)).squeeze(1)
+    folded = paint_tile_scores(scores, *painting_operators(tiles, blur))
+    torch.testing.assert_close(folded, painted_then_blurred, atol=1e-6, rtol=0)
 
 
 def test_num_parts_tiles_do_not_overlap_and_differ_by_at_most_one_pixel() -> None:

@@ -440,24 +440,35 @@ def openvino_stage(engine, model, datamodule, images: list, torch_scores: list, 
     shape = tuple(images[0].shape)  # every runner compiled for this static input, like an edge deployment
     runners = {
         precision: speed.OpenVinoRunner(
-            speed.export_openvino(engine, model, cell_dir / f"export_{precision}", precision, datamodule),
+            speed.export_openvino(
+                engine, model, cell_dir / f"export_{precision}", precision, datamodule, input_size=shape[-2:]
+            ),
             threads,
             image_shape=shape,
         )
         for precision in precisions
     }
     trunk = speed.export_trunk(model, images[0], cell_dir / "export_trunk")
+    trunks = {}
     if trunk is not None:
-        runners = {"trunk": speed.OpenVinoRunner(trunk[0], threads, score_output=None, image_shape=shape), **runners}
-    timed = speed.time_interleaved(runners, images)
+        trunks["trunk"] = speed.OpenVinoRunner(trunk[0], threads, score_output=None, image_shape=shape)
+        if "int8" in precisions:  # the network alone in INT8: the ceiling of any INT8 speed-up at this size
+            int8_trunk = speed.quantize_trunk(trunk[0], datamodule)
+            trunks["trunk_int8"] = speed.OpenVinoRunner(int8_trunk, threads, score_output=None, image_shape=shape)
+    min_seconds = 0.0 if settings.get("quick") else speed.MIN_TIMED_SECONDS  # --quick: one pass
+    timed = speed.time_interleaved({**trunks, **runners}, images, min_seconds)
     backbone: dict[str, Any] = {"backbone_img_per_s": None, "backbone_layer": None}
     if trunk is not None:
         backbone = {"backbone_img_per_s": timed["trunk"]["images_per_s"], "backbone_layer": trunk[1]}
+    if "trunk_int8" in timed:
+        backbone["backbone_int8_img_per_s"] = timed["trunk_int8"]["images_per_s"]
+        backbone["backbone_int8_speedup"] = timed["trunk_int8"]["images_per_s"] / timed["trunk"]["images_per_s"]
     exports = []
     for precision in precisions:
         entry: dict[str, Any] = {"openvino_precision": precision, **backbone, **runners[precision].description()}
         entry["openvino_images_per_s"] = timed[precision]["images_per_s"]
         entry["openvino_load_average_1min"] = timed[precision]["load_average_1min"]
+        entry["openvino_timed_passes"] = timed[precision]["timed_passes"]
         entry["openvino_max_score_diff"] = max(
             abs(a - b) for a, b in zip(torch_scores, timed[precision]["scores"], strict=True)
         )

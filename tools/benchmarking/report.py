@@ -41,6 +41,8 @@ COLUMNS = (
     "backbone_img_per_s",
     "openvino_fraction_of_backbone",
     "openvino_speedup_vs_fp32",
+    "backbone_int8_img_per_s",
+    "backbone_int8_speedup",
     "openvino_image_auroc",
     "openvino_pixel_auroc",
     "backbone_layer",
@@ -65,6 +67,7 @@ COLUMNS = (
     "torch_load_average_1min",
     "openvino_threads",
     "openvino_load_average_1min",
+    "openvino_timed_passes",
     "backbone_load_average_1min",
     "openvino_inference_precision",
     "load_average_1min",
@@ -108,6 +111,7 @@ EXPORT_COLUMNS = (
     ("openvino_speedup_vs_fp32", "x fp32", 2),
     ("backbone_img_per_s", "backbone trunk img/s", 1),
     ("openvino_fraction_of_backbone", "fraction of trunk", 2),
+    ("backbone_int8_speedup", "trunk INT8 x fp32", 2),
     ("openvino_image_auroc", "OpenVINO image AUROC", 3),
     ("openvino_pixel_auroc", "OpenVINO pixel AUROC", 3),
     ("image_auroc", "torch image AUROC", 3),
@@ -239,8 +243,9 @@ def export_table(rows: list[dict[str, Any]]) -> list[str]:
         "## OpenVINO exports: speed beside the backbone trunk, accuracy of the exported model",
         "",
         "Batch 1, f32 inference precision, the run's threads; the trunk (the model's timm backbone, features only, "
-        "up to its deepest layer) and the exports are timed interleaved, one call of each per image, so their "
-        "ratios are measured under one load. "
+        "up to its deepest layer; with INT8 also the trunk quantised whole) and the exports are timed interleaved, one "
+        "call of each per image, so their ratios are measured under one load. "
+        "'trunk INT8 x fp32' is the network alone's INT8 speed-up: the ceiling of a model's. "
         "AUROCs are computed from the exported model's own outputs on every test image.",
         "",
         "| dataset | model | " + " | ".join(title for _, title, _ in EXPORT_COLUMNS) + " |",

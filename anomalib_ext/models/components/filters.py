@@ -58,6 +58,16 @@ class GaussianBlur(nn.Module):
         self.register_buffer("kernel_y", kernel.view(1, 1, -1, 1), persistent=False)
         self.register_buffer("kernel_x", kernel.view(1, 1, 1, -1), persistent=False)
 
+    def matrix(self, length: int) -> torch.Tensor:
+        """``(length, length)`` matrix ``K`` of the blur along one axis (padding included): blurring a signal
+        ``x`` of that length is ``K @ x``. A blur that follows a linear map can then be folded into it."""
+        eye = torch.eye(length, dtype=self.kernel_x.dtype, device=self.kernel_x.device)
+        if self.radius == 0:
+            return eye
+        padded = F.pad(eye[None, None], (self.radius, self.radius, 0, 0), mode=self.padding)
+        rows_blurred = F.conv2d(padded, self.kernel_x)
+        return rows_blurred[0, 0].T  # row i of the identity, blurred, is column i of K
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.radius == 0:
             return images

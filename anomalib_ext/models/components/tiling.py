@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from anomalib_ext.models.components.filters import GaussianBlur
+
 
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -124,8 +126,20 @@ class TileGrid:
         return row_member, col_member
 
 
-def paint_tile_scores(scores: torch.Tensor, row_member: torch.Tensor, col_member: torch.Tensor) -> torch.Tensor:
-    """``(B, rows, cols)`` tile scores -> ``(B, H, W)`` map, each pixel the mean of the tiles covering it."""
-    painted = row_member.T @ scores @ col_member
-    coverage = row_member.sum(0)[:, None] * col_member.sum(0)[None, :]
-    return painted / coverage
+def painting_operators(grid: TileGrid, blur: GaussianBlur | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H x rows, cols x W)`` matrices that paint tile scores back to pixels, ``left @ scores @ right``: each
+    pixel the mean of the tiles covering it, then ``blur`` (separable and linear, so it folds into both matrices:
+    the smoothed map costs two small products instead of two image-sized convolutions)."""
+    row_member, col_member = grid.painting_matrices()
+    left = row_member.T / row_member.sum(0)[:, None]  # (H, rows): a pixel row averages the row bands over it
+    right = col_member / col_member.sum(0)[None, :]  # (cols, W)
+    if blur is not None:
+        height, width = grid.image_size
+        left = blur.matrix(height) @ left
+        right = right @ blur.matrix(width).T
+    return left.contiguous(), right.contiguous()
+
+
+def paint_tile_scores(scores: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``(B, rows, cols)`` tile scores -> ``(B, H, W)`` map, with the matrices of :func:`painting_operators`."""
+    return left @ scores @ right

@@ -88,7 +88,7 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         position_aware: bool = True,
         neighborhood: int = 1,
         num_neighbors: int = 1,
-        max_bank_size: int = 60_000,
+        max_bank_size: int = 13_456,
         max_fit_tiles: int = 400_000,
         map_sigma: float = 4.0,
         backend: Backend = "torch",

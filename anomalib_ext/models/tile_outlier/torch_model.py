@@ -18,7 +18,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_ext.models.components import GaussianBlur, InputNormalization, InputNormalizer, build_feature_extractor
 from anomalib_ext.models.components.sampling import greedy_coreset_indices, grouped_greedy_coreset_indices
-from anomalib_ext.models.components.tiling import TileGrid, paint_tile_scores
+from anomalib_ext.models.components.tiling import TileGrid, paint_tile_scores, painting_operators
 
 EMBED_MODES = ("pool", "crop")
 # the similarity given to padding outside the grid: below any cosine similarity, so never a nearest neighbour
@@ -38,6 +38,26 @@ def build_tile_grid(
             raise ValueError(msg)
         return TileGrid.from_num_parts(image_size, num_parts)
     return TileGrid.from_tile_size(image_size, tile_size, stride)
+
+
+def neighbourhood_indices(shape: tuple[int, int], radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices of the position-aware search of radius ``r``, for offset indices ``d = (dy, dx)`` in
+    ``[0, 2r]^2`` (row-major, ``n = (2r + 1)^2`` of them), so the true offset is ``d - r``.
+
+    ``query_index[q * n + d]``: in the tile grid padded by ``r`` on each side, flattened, the tile ``q - (d - r)``
+    that bank position ``q`` is compared with. ``pick_index[p * n + d]``: in the ``(rows + 2r, cols + 2r, n)``
+    similarities (bank positions padded by ``r``), flattened, the one of tile ``p`` to bank position
+    ``p + (d - r)``. Two gathers instead of stacking ``n`` shifted grids (a slow Concat in OpenVINO).
+    """
+    rows, cols = shape
+    span = 2 * radius + 1
+    padded_cols = cols + 2 * radius
+    row, col, dy, dx = torch.meshgrid(
+        torch.arange(rows), torch.arange(cols), torch.arange(span), torch.arange(span), indexing="ij"
+    )
+    query_index = (row + 2 * radius - dy) * padded_cols + (col + 2 * radius - dx)
+    pick_index = ((row + dy) * padded_cols + (col + dx)) * span * span + dy * span + dx
+    return query_index.reshape(-1), pick_index.reshape(-1)
 
 
 class TileOutlierModel(DynamicBufferMixin, nn.Module):
@@ -127,10 +147,13 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
             sides = [end - start for start, end in (*self.grid.row_bands, *self.grid.col_bands)]
             self.crop_size = int(crop_size or max(sides))
             self.register_buffer("crop_grid", self._crop_sampling_grid(), persistent=False)
-        row_member, col_member = self.grid.painting_matrices()
-        self.register_buffer("row_member", row_member, persistent=False)
-        self.register_buffer("col_member", col_member, persistent=False)
-        self.blur = GaussianBlur(map_sigma, truncate=4.0)
+        # painting and the map's Gaussian smoothing, folded into two matrices (left @ scores @ right)
+        paint_left, paint_right = painting_operators(self.grid, GaussianBlur(map_sigma, truncate=4.0))
+        self.register_buffer("paint_left", paint_left, persistent=False)
+        self.register_buffer("paint_right", paint_right, persistent=False)
+        query_index, pick_index = neighbourhood_indices(self.grid.shape, self.neighborhood)
+        self.register_buffer("query_index", query_index, persistent=False)
+        self.register_buffer("pick_index", pick_index, persistent=False)
 
         # bank: (rows + 2r, cols + 2r, M, D) position-aware (zero padding outside the grid, kept so checkpoints
         # keep their layout; scoring reads the inner grid only), else (M, D)
@@ -206,26 +229,18 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
         batch, rows, cols, dim = embeddings.shape
         if self.position_aware:
             pad = self.neighborhood
-            span = 2 * pad + 1
+            offsets = (2 * pad + 1) ** 2
             bank = self.memory_bank[pad : pad + rows, pad : pad + cols].reshape(rows * cols, -1, dim)  # (P, M, D)
-            padded = F.pad(embeddings, (0, 0, pad, pad, pad, pad))  # zero tiles outside the grid
-            # queries[q, (b, d)] = the tile q - d: (P, B * span^2, D)
-            shifted = [
-                padded[:, 2 * pad - dy : 2 * pad - dy + rows, 2 * pad - dx : 2 * pad - dx + cols]
-                for dy in range(span)
-                for dx in range(span)
-            ]
-            queries = torch.stack(shifted, 3).reshape(batch, rows * cols, span * span, dim)
-            queries = queries.transpose(0, 1).reshape(rows * cols, batch * span * span, dim)
-            best = self._top_similarities(queries @ bank.transpose(1, 2))  # (P, B * span^2, k): one bank read
-            best = best.reshape(rows, cols, batch, span * span, -1).permute(2, 3, 0, 1, 4)  # (B, span^2, R, C, k)
+            padded = F.pad(embeddings, (0, 0, pad, pad, pad, pad)).reshape(batch, -1, dim)  # zero tiles outside
+            # queries[q, (b, d)] = the tile q - d: one gather (a stack of shifted grids ran OpenVINO's slow Concat)
+            queries = padded.index_select(1, self.query_index).reshape(batch, rows * cols, offsets, dim)
+            queries = queries.transpose(0, 1).reshape(rows * cols, batch * offsets, dim)
+            best = self._top_similarities(queries @ bank.transpose(1, 2))  # (P, B * offsets, k): one bank read
+            best = best.reshape(rows, cols, batch, offsets, -1).permute(2, 0, 1, 3, 4)  # (B, R, C, offsets, k)
             # tile p finds its similarity to bank position p + d at offset index d; outside the grid: below any cosine
-            best = F.pad(best, (0, 0, pad, pad, pad, pad), value=_OUTSIDE_GRID)
-            nearest = [
-                best[:, dy * span + dx, dy : dy + rows, dx : dx + cols] for dy in range(span) for dx in range(span)
-            ]
-            top = self._top_similarities(torch.cat(nearest, -1))  # (B, rows, cols, k)
-            return 1 - top.mean(-1)
+            best = F.pad(best, (0, 0, 0, 0, pad, pad, pad, pad), value=_OUTSIDE_GRID).reshape(batch, -1, best.shape[-1])
+            nearest = best.index_select(1, self.pick_index).reshape(batch, rows, cols, -1)  # (B, R, C, offsets * k)
+            return 1 - self._top_similarities(nearest).mean(-1)
         flat = embeddings.reshape(batch, rows * cols, dim)
         chunks = []
         for start in range(0, rows * cols, self.tile_chunk):  # fixed by the grid, not by the data
@@ -234,9 +249,9 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
         return torch.cat(chunks, 1).view(batch, rows, cols)
 
     def scores_to_batch(self, scores: torch.Tensor) -> InferenceBatch:
-        """Paint tile scores back, smooth; the image score is the highest tile."""
-        anomaly_map = paint_tile_scores(scores, self.row_member, self.col_member).unsqueeze(1)
-        return InferenceBatch(pred_score=scores.amax((1, 2)), anomaly_map=self.blur(anomaly_map))
+        """Paint tile scores back, smoothed (one pair of matrices); the image score is the highest tile."""
+        anomaly_map = paint_tile_scores(scores, self.paint_left, self.paint_right).unsqueeze(1)
+        return InferenceBatch(pred_score=scores.amax((1, 2)), anomaly_map=anomaly_map)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """Training: tile embeddings ``(B, rows, cols, D)`` for the bank. Eval: ``InferenceBatch``."""
