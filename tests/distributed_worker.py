@@ -86,9 +86,13 @@ def main(out: Path, root: Path) -> None:
     rank = int(os.environ["RANK"])
     for family, spec in FAMILIES.items():
         folder = out / family
+        # anomalib's Engine.fit makes a new versioned folder (v0, v1, ...) on every rank; torchrun starts the ranks
+        # together, so two of them can race for the same v0 and one stops with FileExistsError (seen once in CI).
+        # Rank 0's folder is the one that counts: Lightning broadcasts its checkpoint folder to every rank.
+        workspace = folder if rank == 0 else folder / f"rank{rank}-workspace"
         model = build(family)
         engine = Engine(
-            default_root_dir=folder,
+            default_root_dir=workspace,
             logger=False,
             accelerator="cpu",
             devices=2,
@@ -108,7 +112,7 @@ def main(out: Path, root: Path) -> None:
             for _ in range(2):
                 writer = PredictionWriter(out / "predictions")
                 engine = Engine(
-                    default_root_dir=folder / "predict",
+                    default_root_dir=workspace / "predict",
                     logger=False,
                     accelerator="cpu",
                     devices=2,
