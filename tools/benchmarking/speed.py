@@ -329,17 +329,13 @@ def export_trunk(model: Any, image: Any, export_root: Path) -> tuple[Path, str] 
 def quantize_trunk(trunk_xml: Path, datamodule: Any) -> Path:  # noqa: ANN401
     """The trunk, all of it quantised by NNCF (calibrated on ``datamodule``'s validation images, as the exports):
     how much INT8 speeds up the network alone, the ceiling of a model's INT8 speed-up at this size and threads."""
-    import nncf
     import openvino as ov
 
-    from anomalib_ext.models.components.quantization import calibration_transform
+    from anomalib_ext.models.components.quantization import quantize_calibrated
 
     model = ov.Core().read_model(str(trunk_xml))
     shape = model.input(0).partial_shape
     model.reshape({model.input(0): ov.PartialShape([-1, shape[1], shape[2], shape[3]])})  # batches of val images
-    datamodule.setup("fit")
-    calibration = nncf.Dataset(datamodule.val_dataloader(), calibration_transform(model))
-    quantized = nncf.quantize(model, calibration, fast_bias_correction=False)
     target = trunk_xml.with_name("model_int8.xml")
-    ov.save_model(quantized, target)
+    ov.save_model(quantize_calibrated(model, datamodule), target)
     return target

@@ -90,6 +90,15 @@ def quantize_modules(model: Any, datamodule: Any, modules: Sequence[str]) -> Any
     if not modules:
         logger.warning("INT8_PTQ: this model declares no module that benefits from INT8; the export stays float")
         return model
+    ignored = nncf.IgnoredScope(patterns=[module_pattern(modules)], validate=False)
+    return quantize_calibrated(model, datamodule, ignored)
+
+
+def quantize_calibrated(model: Any, datamodule: Any, ignored_scope: Any = None) -> Any:  # noqa: ANN401
+    """``nncf.quantize`` calibrated on ``datamodule``'s validation images (anomalib's ``INT8_PTQ`` data), with full
+    bias correction; everything in ``ignored_scope`` stays float (``None``: the whole graph is quantised)."""
+    import nncf
+
     datamodule.setup("fit")
     if model.input(0).partial_shape[0].is_static:
         datamodule.train_batch_size = model.input(0).shape[0]
@@ -100,5 +109,4 @@ def quantize_modules(model: Any, datamodule: Any, modules: Sequence[str]) -> Any
             f"found only {len(dataloader.dataset)} images"
         )
     calibration = nncf.Dataset(dataloader, calibration_transform(model))
-    ignored = nncf.IgnoredScope(patterns=[module_pattern(modules)], validate=False)
-    return nncf.quantize(model, calibration, ignored_scope=ignored, fast_bias_correction=False)
+    return nncf.quantize(model, calibration, ignored_scope=ignored_scope, fast_bias_correction=False)
