@@ -5,5 +5,6 @@ Importing the package registers every model as an ``AnomalibModule`` subclass, s
 """
 
 from anomalib_ext import models  # noqa: F401  (registration side effect)
+from anomalib_ext.version import __version__
 
-__version__ = "0.2.0"
+__all__ = ["__version__"]

@@ -7,6 +7,7 @@ imported before jsonargparse resolves it; anomalib has no plugin entry point, so
 
 ``anomalib-ext config list|show|path`` reads the configs that ship inside the package (a ``pip install``ed
 package has no ``configs/`` folder of its own): ``anomalib-ext config show tile_outlier/mvtec > my.yaml``.
+``anomalib-ext --version`` prints this package's version and anomalib's.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from anomalib_ext.version import package_version
+
 CONFIG_FOLDER = "configs"
+VERSION_FLAGS = ("--version", "-V")
 
 
 def config_root() -> Path:
@@ -75,10 +80,22 @@ def config_command(argv: list[str]) -> int:
     return 0
 
 
+def version_line() -> str:
+    """``anomalib-ext 0.4.0 (anomalib 2.7.0)``, from the installed metadata."""
+    try:
+        anomalib_version = version("anomalib")
+    except PackageNotFoundError:
+        anomalib_version = "not installed"
+    return f"anomalib-ext {package_version()} (anomalib {anomalib_version})"
+
+
 def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     if arguments[:1] == ["config"]:
         sys.exit(config_command(arguments[1:]))
+    if arguments[:1] and arguments[0] in VERSION_FLAGS:
+        print(version_line())  # noqa: T201
+        sys.exit(0)
 
     from anomalib.cli.cli import main as anomalib_main
 

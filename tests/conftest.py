@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.broken import install_from_environment
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a hub
 os.environ.setdefault("SENTRY_OPT_OUT", "1")
 
@@ -29,6 +31,9 @@ def _share_cores_among_workers() -> None:
 
 
 _share_cores_among_workers()
+
+# ANOMALIB_EXT_BROKEN_MODEL=random|constant|shuffle: run the tests against a broken model (tests/harness/broken.py)
+BROKEN_MODEL = install_from_environment()
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -59,3 +64,9 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip("real data (../shared/data) not present")
     return REAL_DATA
+
+
+def pytest_report_header() -> str | None:
+    if BROKEN_MODEL:
+        return f"BROKEN MODEL: every model's scores and maps are {BROKEN_MODEL} (tests/harness/broken.py)"
+    return None

@@ -9,7 +9,8 @@ import pytest
 from anomalib import TaskType
 
 from anomalib_ext.data import Dice, make_dice_dataset
-from anomalib_ext.data.dice import class_from_path, make_dice_samples, session_from_path
+from anomalib_ext.data.class_folders import class_from_path
+from anomalib_ext.data.dice import make_dice_samples, session_from_path
 
 
 @pytest.fixture(scope="module")

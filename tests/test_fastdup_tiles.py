@@ -97,7 +97,8 @@ def test_tile_outlier_fastdup_backend_trains_scores_and_refuses_export(mvtec_roo
 
     from anomalib_ext.models import TileOutlier
 
-    model = TileOutlier(image_size=128, num_parts=4, tile_size=None, stride=None, backend="fastdup", visualizer=False)
+    tiling = {"num_parts": 4, "tile_size": None, "stride": None}
+    model = TileOutlier(image_size=128, tiling=tiling, backend="fastdup", visualizer=False)
     datamodule = MVTecAD(
         root=mvtec_root, category="synthetic", train_batch_size=32, eval_batch_size=32, num_workers=0, seed=0
     )

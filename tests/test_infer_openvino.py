@@ -96,23 +96,25 @@ def test_refuses_to_overwrite_a_previous_run(exported: Path, mvtec_root: Path, t
     assert (tmp_path / "previous.csv").read_text() == "keep me"
 
 
-def test_clear_error_for_missing_model_and_empty_folder(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(TOOL),
-            "--model",
-            str(tmp_path / "nope.xml"),
-            "--input",
-            str(tmp_path),
-            "--output",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+def test_clear_error_for_a_missing_model(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    result = _run_tool(tmp_path / "nope.xml", tmp_path / "in", tmp_path / "o")
     assert result.returncode == 2
-    assert "nope.xml" in result.stderr and "Traceback" not in result.stderr
+    assert "nope.xml" in result.stderr and "model file not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_clear_error_for_a_folder_without_images(exported: Path, tmp_path: Path) -> None:
+    """A real model and a folder holding no image (only a text file): the tool gets past loading the model and
+    stops at the folder, naming it, without writing results."""
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "notes.txt").write_text("not an image")
+    result = _run_tool(exported, source, tmp_path / "o")
+    assert result.returncode == 2, result.stderr
+    assert f"{source}: no images" in result.stderr, result.stderr
+    assert "model file not found" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "predictions.csv").exists()
 
 
 def _run_tool(exported: Path, source: Path, output: Path, *options: str) -> subprocess.CompletedProcess:

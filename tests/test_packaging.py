@@ -93,7 +93,7 @@ def test_wheel_installed_outside_the_checkout_trains_a_shipped_config(tmp_path: 
             "8",
             "--model.init_args.image_size",
             "64",
-            "--model.init_args.tile_size",
+            "--model.init_args.tiling.tile_size",
             "16",
             "--data.init_args.num_workers",
             "0",

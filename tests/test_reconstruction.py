@@ -8,11 +8,11 @@ from anomalib.data import ImageBatch, InferenceBatch
 from torchvision.transforms.v2 import InterpolationMode, Normalize, Resize
 
 from anomalib_ext.models import Reconstruction
-from anomalib_ext.models.components import ConvAutoencoder, MapMoments, ReconstructionLoss
-from anomalib_ext.models.reconstruction import ReconstructionModel
+from anomalib_ext.models.components import AutoencoderOutput, ConvAutoencoder, MapMoments, ReconstructionLoss
+from anomalib_ext.models.reconstruction import LossWeights, ReconstructionModel
 
 SMALL = {"image_size": 32, "latent_dim": 8, "base_channels": 8, "num_downsamples": 2}
-LOSS = {"l2_weight": 1.0, "ssim_weight": 1.0, "ssim_window_size": 11, "ssim_sigma": 1.5}
+LOSS = {"l2_weight": 1.0, "ssim_weight": 1.0}
 
 
 def _torch_model(**kwargs) -> ReconstructionModel:
@@ -34,7 +34,7 @@ def test_constant_images_give_finite_loss_gradients_and_maps(variant: str, value
     # zero spread everywhere: the floor must keep the standardised map finite
     moments = MapMoments()
     moments.add(torch.zeros(3, 1, 32, 32))
-    model.fit_map_statistics(moments)
+    assert model.fit(moments)
     model.eval()
     with torch.no_grad():
         output = model(images)
@@ -84,6 +84,9 @@ def test_map_statistics_are_learned_from_training_batches_and_standardise_normal
         normal_map = model.model(images).anomaly_map
     # the same images standardised by their own statistics: mean ~0 at every pixel
     assert normal_map.mean(dim=0).abs().max() < 1e-3
+    # ... and a spread of order 1 (the per-pixel spread plus its image mean divides it: below 1, far above 0)
+    spread = normal_map.std(dim=0, unbiased=False).mean()
+    assert 0.2 < spread < 1.0, spread
 
 
 def test_default_pre_processor_resizes_nearest_without_normalising() -> None:
@@ -102,8 +105,11 @@ def test_default_pre_processor_resizes_nearest_without_normalising() -> None:
         ({"variant": "gan"}, "variant"),
         ({"image_size": 100}, "divisible"),
         ({"anomaly_map_mode": "cosine"}, "anomaly_map_mode"),
-        ({"topk_fraction": 0.0}, "topk_fraction"),
-        ({"l2_weight": 0.0, "ssim_weight": 0.0}, "l2_weight"),
+        ({"topk_fraction": 0.0}, r"topk_fraction must be in \(0, 1\]"),
+        ({"topk_fraction": 1.5}, "topk_fraction"),
+        ({"map_sigma": -1.0}, "map_sigma"),
+        ({"loss_weights": {"l2": 0.0, "ssim": 0.0}}, "l2_weight and ssim_weight cannot both be 0"),
+        ({"loss_weights": {"kl": -1.0}}, "beta must be >= 0"),
         ({"learning_rate": -1.0}, "learning_rate"),
         ({"base_channels": 2}, "base_channels"),
     ],
@@ -119,12 +125,59 @@ def test_images_of_the_wrong_size_get_a_clear_error() -> None:
         model.training_step(ImageBatch(image=torch.rand(2, 3, 64, 64)))
 
 
-def test_l2_map_and_raw_map_options() -> None:
-    torch.manual_seed(0)
-    model = _torch_model(**SMALL, anomaly_map_mode="l2", normalize_map=False, map_sigma=0).eval()
-    images = torch.rand(2, 3, 32, 32)
+class _PatchedReconstruction(torch.nn.Module):
+    """Stands in for the autoencoder: reconstructs every pixel exactly except an 8x8 patch, off by ``errors[i]`` in
+    image ``i`` (different per image, so maps or scores swapped between images are caught)."""
+
+    def __init__(self, errors: tuple[float, ...]) -> None:
+        super().__init__()
+        self.errors = torch.tensor(errors).view(-1, 1, 1, 1)
+
+    def forward(self, images: torch.Tensor) -> AutoencoderOutput:
+        reconstruction = images.clone()
+        reconstruction[:, :, 12:20, 12:20] += self.errors
+        return AutoencoderOutput(reconstruction=reconstruction, latent=images.flatten(1), mu=None, logvar=None)
+
+
+@pytest.mark.parametrize("mode", ["l2", "ssim"])
+def test_map_lights_up_exactly_where_the_reconstruction_is_wrong(mode: str) -> None:
+    model = _torch_model(**SMALL, anomaly_map_mode=mode, map_sigma=0).eval()
+    model.autoencoder = _PatchedReconstruction(errors=(0.3, 0.15))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.5
     with torch.no_grad():
         output = model(images)
-        reconstruction = model.autoencoder(images).reconstruction
-    expected = ((images - reconstruction) ** 2).mean(dim=1, keepdim=True)
-    torch.testing.assert_close(output.anomaly_map, expected)
+    anomaly_map = output.anomaly_map[:, 0]
+    inside = anomaly_map[:, 12:20, 12:20]
+    outside = anomaly_map.clone()
+    outside[:, 7:25, 7:25] = 0  # the SSIM window (11 taps) reaches 5 pixels beyond the patch
+    if mode == "l2":  # every channel off by 0.3 (0.15): squared residual 0.09 (0.0225) on the patch, 0 elsewhere
+        torch.testing.assert_close(inside, torch.tensor([0.09, 0.0225]).view(2, 1, 1).expand_as(inside))
+        assert anomaly_map.sum() == pytest.approx(64 * (0.09 + 0.0225), rel=1e-4)
+    else:  # identical neighbourhoods have SSIM 1; the larger error is the worse reconstruction
+        assert inside.min() > 0.01
+        assert output.pred_score[0] > output.pred_score[1] * 1.2
+    assert outside.abs().max() < 1e-4
+    # the score is the mean of the top 1% of the 1024 pixels (10 of them), all on the patch
+    torch.testing.assert_close(output.pred_score, inside.flatten(1).topk(10, dim=1).values.mean(dim=1))
+
+
+def test_fit_needs_two_maps_and_then_starts_a_new_accumulation() -> None:
+    torch.manual_seed(0)
+    model = _torch_model(**SMALL)
+    images = torch.rand(1, 3, 32, 32)
+    model.accumulate(images, model.autoencoder(images))
+    assert not model.fit()  # one map has no spread: nothing learned
+    assert torch.equal(model.map_stats.mean, torch.zeros_like(model.map_stats.mean))
+    model.accumulate(images.flip(-1), model.autoencoder(images.flip(-1)))
+    assert model.map_moments.total == 2
+    assert model.fit()
+    assert model.map_moments.total == 0
+    assert model.map_stats.mean.abs().max() > 0
+
+
+def test_loss_weights_accept_a_partial_mapping_and_reject_unknown_keys() -> None:
+    model = Reconstruction(variant="vae", **SMALL, loss_weights={"kl": 1e-3})
+    assert (model.loss.l2_weight, model.loss.ssim_weight, model.loss.beta) == (1.0, 1.0, 1e-3)
+    assert LossWeights.coerce(None) == LossWeights(l2=1.0, ssim=1.0, kl=1e-4)
+    with pytest.raises(ValueError, match="unknown keys"):
+        Reconstruction(**SMALL, loss_weights={"beta": 1e-3})

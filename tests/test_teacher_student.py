@@ -1,23 +1,30 @@
-"""TeacherStudent beyond the shared harness: map maths, argument errors, both stages, single-template mode."""
+"""TeacherStudent beyond the shared harness: map maths, losses, argument errors, configs, both stages,
+single-template mode."""
 
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_ext.data.synthetic import make_mvtec_dataset
 from anomalib_ext.models import TeacherStudent
+from anomalib_ext.models.teacher_student import Augmentation, SingleTemplate, TeacherFinetuning
 from anomalib_ext.models.teacher_student.anomaly_map import cosine_anomaly_map
+from anomalib_ext.models.teacher_student.loss import FeatureMatchingLoss, TeacherClassifierLoss
 
 IMAGE_SIZE = 64
-CONFIG = Path(__file__).parents[1] / "anomalib_ext" / "configs" / "teacher_student" / "mvtec.yaml"
+CONFIG_DIR = Path(__file__).parents[1] / "anomalib_ext" / "configs" / "teacher_student"
+CONFIG = CONFIG_DIR / "mvtec.yaml"
 
 
 def test_cosine_map_is_zero_where_features_agree_and_combines_by_mode() -> None:
@@ -32,16 +39,46 @@ def test_cosine_map_is_zero_where_features_agree_and_combines_by_mode() -> None:
     assert torch.allclose(summed, torch.full_like(summed, 2.0), atol=1e-4)
 
 
+def test_feature_matching_loss_is_the_summed_mean_cosine_distance() -> None:
+    """Per layer 0.5 * ||t/|t| - s/|s|||^2 = 1 - cosine: the loss is the sum over layers of the mean of the map's
+    per-layer distance, whatever the features' scale."""
+    loss = FeatureMatchingLoss()
+    teacher = [torch.randn(2, 8, 4, 4), torch.randn(2, 16, 2, 2)]
+    student = [torch.randn(2, 8, 4, 4), torch.randn(2, 16, 2, 2)]
+    expected = sum((1 - F.cosine_similarity(t, s, dim=1)).mean() for t, s in zip(teacher, student, strict=True))
+    assert torch.allclose(loss(teacher, student), expected, atol=1e-5)
+    assert loss(teacher, [3.0 * t for t in teacher]).abs() < 1e-6  # same directions: nothing left to learn
+
+
+def test_teacher_classifier_loss_weighs_each_kind_of_image() -> None:
+    """Undecided logits cost log 2 per sample whatever the weights; confident mistakes on one kind cost in proportion
+    to that kind's share of the total weight."""
+    loss = TeacherClassifierLoss(normal_weight=5.0, augmented_weight=2.0, defect_weight=10.0)
+    zeros = torch.zeros(4)
+    assert torch.isclose(loss(zeros, zeros, zeros), torch.tensor(math.log(2.0)), atol=1e-6)
+    right, wrong = torch.full((4,), -20.0), torch.full((4,), 20.0)  # confident "normal" / "defective"
+    assert loss(right, right, -right) < 1e-6
+    missed_defects = loss(right, right, right)  # every defect called normal: BCE 20 on a 10 / 17 share of weight
+    assert torch.isclose(missed_defects, torch.tensor(20.0 * 10 / 17), rtol=1e-4)
+    false_alarms = loss(wrong, right, -right)  # every plain normal called defective: a 5 / 17 share
+    assert torch.isclose(false_alarms, torch.tensor(20.0 * 5 / 17), rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "names"),
     [
         ({"anomaly_map_mode": "max"}, ValueError, "anomaly_map_mode"),
-        ({"teacher_epochs": -1}, ValueError, "teacher_epochs"),
-        ({"defect_weight": -1.0}, ValueError, "defect_weight"),
-        ({"single_template": "/no/such/good.png"}, FileNotFoundError, "/no/such/good.png"),
-        ({"histaugan_checkpoint": "/no/such/generator.pt"}, FileNotFoundError, "/no/such/generator.pt"),
+        ({"topk_fraction": 1.0}, ValueError, "topk_fraction"),
+        ({"topk_fraction": -0.1}, ValueError, "topk_fraction"),
+        ({"teacher_finetuning": {"epochs": 0}}, ValueError, "teacher_finetuning.epochs"),
+        ({"teacher_finetuning": {"defect_weight": -1.0}}, ValueError, "teacher_finetuning.defect_weight"),
+        ({"teacher_finetuning": {"epoch": 1}}, ValueError, "epoch"),
+        ({"single_template": {"path": "/no/such/good.png"}}, FileNotFoundError, "/no/such/good.png"),
+        ({"single_template": {"path": "x.png", "samples_per_epoch": 0}}, ValueError, "samples_per_epoch"),
+        ({"augmentation": {"histaugan_checkpoint": "/no/such/generator.pt"}}, FileNotFoundError, "/no/such/gen"),
+        ({"augmentation": {"student_fraction": 1.5}}, ValueError, "augmentation.student_fraction"),
+        ({"augmentation": {"colour_jitter": 0.1}}, ValueError, "colour_jitter"),
         ({"image_size": (64, 64, 3)}, ValueError, "image_size"),
-        ({"input_normalization": "caffe"}, ValueError, "input_normalization"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, error: type[Exception], names: str) -> None:
@@ -53,7 +90,7 @@ def test_unreadable_template_is_named(tmp_path: Path) -> None:
     broken = tmp_path / "good.png"
     broken.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="good.png"):
-        TeacherStudent(image_size=64, single_template=str(broken))
+        TeacherStudent(image_size=64, single_template=SingleTemplate(path=str(broken)))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +105,10 @@ def test_single_template_trains_both_stages_and_localises_planted_defects(synthe
     torch.manual_seed(0)
     template = synthetic_root / "synthetic" / "train" / "good" / "000.png"
     model = TeacherStudent(
-        image_size=IMAGE_SIZE, teacher_epochs=1, single_template=str(template), samples_per_epoch=48, map_sigma=1.0
+        image_size=IMAGE_SIZE,
+        teacher_finetuning=TeacherFinetuning(epochs=1),
+        single_template=SingleTemplate(path=str(template), samples_per_epoch=48),
+        map_sigma=1.0,
     )
     teacher_before = [p.detach().clone() for p in model.model.teacher.parameters()]
     datamodule = MVTecAD(
@@ -112,15 +152,41 @@ def test_single_template_trains_both_stages_and_localises_planted_defects(synthe
 def test_config_budget_is_machine_independent_and_matches_the_defaults() -> None:
     """The shipped config ends after a number of epochs (never a wall-clock budget, whose result would depend on
     the machine's speed) and, like the class, does not fine-tune the teacher (measured worse on bottle)."""
-    import yaml
-
     config = yaml.safe_load(CONFIG.read_text())
     trainer = config["trainer"]
     assert trainer["max_epochs"] > 0
     assert "max_time" not in trainer
     init_args = config["model"]["init_args"]
     defaults = inspect.signature(TeacherStudent).parameters
-    assert init_args["teacher_epochs"] == defaults["teacher_epochs"].default == 0, "teacher fine-tuning is off"
+    assert init_args["teacher_finetuning"] is None, "teacher fine-tuning is off"
+    assert defaults["teacher_finetuning"].default is None
+
+
+@pytest.mark.parametrize("name", ["mvtec", "single_template"])
+def test_configs_build_through_jsonargparse_like_the_cli(name: str, synthetic_root: Path) -> None:
+    """``anomalib train --config`` parses the model section with jsonargparse: the nested keys become the settings
+    objects, keys left out keep their defaults, and dotted overrides reach inside them."""
+    from anomalib.models import AnomalibModule
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(AnomalibModule, "model")
+    template = synthetic_root / "synthetic" / "train" / "good" / "000.png"
+    section = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())["model"]
+    overrides = ["--model.init_args.augmentation.color_jitter", "0.0", "--model.init_args.image_size", "64"]
+    if name == "single_template":
+        overrides += ["--model.init_args.single_template.path", str(template)]
+    config = parser.parse_args(["--model", yaml.safe_dump(section), *overrides])
+    model = parser.instantiate_classes(config).model
+    assert isinstance(model, TeacherStudent)
+    assert model.augmentation == Augmentation(color_jitter=0.0)  # the configs' other values are the defaults
+    if name == "mvtec":
+        assert model.teacher_finetuning is None
+        assert model.single_template is None
+        assert model.student_learning_rate == 0.1
+    else:
+        assert model.teacher_finetuning == TeacherFinetuning(epochs=1)
+        assert model.single_template == SingleTemplate(path=str(template), samples_per_epoch=64)
 
 
 def test_default_training_is_reproducible_and_keeps_the_imagenet_teacher(synthetic_root: Path, tmp_path: Path) -> None:

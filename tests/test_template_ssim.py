@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import cv2
@@ -12,15 +14,37 @@ import torch
 from anomalib_ext.data import make_dice_dataset
 from anomalib_ext.models import TemplateSsim
 from anomalib_ext.models.components.alignment import to_image_frame
-from anomalib_ext.models.template_ssim import TemplateSsimModel
+from anomalib_ext.models.components.stats import check_topk_fraction
+from anomalib_ext.models.template_ssim import (
+    AnomalyMapSettings,
+    LightingSettings,
+    PoseSearchSettings,
+    TemplateSsimModel,
+)
+from anomalib_ext.models.template_ssim.torch_model import match_photometry
 
 # the torch model's options beyond TemplateSsim's defaults that these tests switch off unless they test them
 PLAIN = {"photometric": False, "residual": False, "pixel_statistics": False}
+GROUPS = {"pose_search": PoseSearchSettings, "anomaly_map": AnomalyMapSettings, "lighting": LightingSettings}
 
 
-def _torch_model(**kwargs) -> TemplateSsimModel:
-    """``TemplateSsimModel`` with ``TemplateSsim``'s defaults (declared there only), plain unless asked."""
-    return TemplateSsim(**{**PLAIN, **kwargs}, visualizer=False).model
+def _torch_model(**options) -> TemplateSsimModel:
+    """``TemplateSsimModel`` with ``TemplateSsim``'s defaults (declared there only), plain unless asked.
+
+    ``options``: ``TemplateSsim`` arguments or keys of its settings groups (``angles``, ``residual``, ...).
+    """
+    options = {**PLAIN, **options}
+    groups = {
+        name: {key: options.pop(key) for key in [field.name for field in fields(kind)] if key in options}
+        for name, kind in GROUPS.items()
+    }
+    return TemplateSsim(**groups, **options, visualizer=False).model
+
+
+def _matched_template(model: TemplateSsimModel, images: torch.Tensor) -> list[int]:
+    """Index of the template the pose search picks for each image."""
+    with torch.no_grad():
+        return model.search(model._as_template_channels(images)).reference_index.tolist()
 
 
 ANGLES = [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0]
@@ -92,9 +116,7 @@ def test_normal_dice_match_their_own_class(fitted, dice_data: Path) -> None:
     test = _class_images(dice_data, "test")
     images = torch.cat([test[n] for n in names])
     truth = [names.index(n) for n in names for _ in range(len(test[n]))]
-    with torch.no_grad():
-        _, template_index = model.raw_maps(model._as_template_channels(images))
-    assert template_index.tolist() == truth
+    assert _matched_template(model, images) == truth
 
 
 def test_planted_mark_is_where_the_map_peaks(fitted, dice_data: Path) -> None:
@@ -129,8 +151,7 @@ def test_class_less_mode_finds_one_template_per_kind(tmp_path: Path) -> None:
     model.fit([pooled[order[:24]]], [pooled[order[24:]]], num_templates=3)
     assert model.templates.shape == (3, 1, 64, 64)
     test = _class_images(root, "test")
-    with torch.no_grad():
-        assigned = [set(model.raw_maps(model._as_template_channels(test[n]))[1].tolist()) for n in sorted(test)]
+    assigned = [set(_matched_template(model, test[n])) for n in sorted(test)]
     assert all(len(a) == 1 for a in assigned)  # each kind always matches the same template
     assert len(set.union(*assigned)) == 3  # and the three kinds match three different templates
 
@@ -146,10 +167,22 @@ def test_wrong_size_or_channels_give_a_clear_error() -> None:
         model(torch.rand(1, 3, 48, 48))
     with pytest.raises(ValueError, match="channel count"):
         model(torch.rand(1, 1, 64, 64))
-    with pytest.raises(ValueError, match="topk_fraction"):
+    with pytest.raises(ValueError, match=r"topk_fraction must be in \(0, 1\], got 0.0"):
         _torch_model(angles=[0.0], topk_fraction=0.0)
     with pytest.raises(ValueError, match="num_templates"):
         TemplateSsim(num_templates=0)
+    with pytest.raises(ValueError, match=r"unknown keys \['max_shfit'\]"):
+        TemplateSsim(pose_search={"max_shfit": 4})
+
+
+def test_topk_fraction_check_names_its_interval() -> None:
+    """The shared check: (0, 1] for a mean of the top pixels, [0, 1) where 0 means the maximum."""
+    assert check_topk_fraction(1.0) == 1.0
+    assert check_topk_fraction(0.0, allow_zero=True) == 0.0
+    cases = ((0.0, False, "(0, 1]"), (1.2, False, "(0, 1]"), (1.0, True, "[0, 1)"), (-0.1, True, "[0, 1)"))
+    for value, allow_zero, interval in cases:
+        with pytest.raises(ValueError, match=re.escape(f"topk_fraction must be in {interval}, got {value}")):
+            check_topk_fraction(value, allow_zero=allow_zero)
 
 
 def test_engine_on_dice_layout(dice_data: Path, tmp_path: Path) -> None:
@@ -160,7 +193,7 @@ def test_engine_on_dice_layout(dice_data: Path, tmp_path: Path) -> None:
     from anomalib_ext.data import Dice
 
     datamodule = Dice(root=dice_data, train_batch_size=16, eval_batch_size=16, num_workers=0, seed=0)
-    model = TemplateSsim(image_size=(96, 96), max_shift=8, angles=tuple(ANGLES))
+    model = TemplateSsim(image_size=(96, 96), pose_search={"max_shift": 8, "angles": ANGLES})
     engine = Engine(
         max_epochs=1,
         default_root_dir=tmp_path,
@@ -195,10 +228,8 @@ def test_several_templates_per_class_keep_their_class(fitted, dice_data: Path) -
     assert source == [0, 0, 1, 1, 2, 2]
     assert model.templates.shape[0] == 6 and model.class_center.shape == (6,)
     test = _class_images(dice_data, "test")
-    with torch.no_grad():
-        for index, name in enumerate(picked):
-            _, template_index = model.raw_maps(model._as_template_channels(test[name]))
-            assert all(source[t] == index for t in template_index.tolist())
+    for index, name in enumerate(picked):
+        assert all(source[t] == index for t in _matched_template(model, test[name]))
 
 
 def test_pixel_statistics_keep_the_mark_at_the_peak(dice_data: Path) -> None:
@@ -243,9 +274,8 @@ def test_lighting_changes_are_discounted_but_a_thin_line_is_not(dice_data: Path)
     assert abs(float(scores[1] - scores[0])) < 1.5
     assert abs(float(scores[2] - scores[0])) < 1.5
     assert scores[3] > scores[0] + 3.0
-    torch.testing.assert_close(
-        model.match_photometry(darker[None, :1], normal[None, :1]), normal[None, :1], atol=0.05, rtol=0
-    )
+    matched, _ = match_photometry(darker[None, :1], normal[None, :1])
+    torch.testing.assert_close(matched, normal[None, :1], atol=0.05, rtol=0)
 
 
 def _session(images: torch.Tensor, gain: float, seed: int) -> torch.Tensor:
@@ -301,7 +331,9 @@ def test_fit_does_not_depend_on_the_order_of_the_training_images(dice_data: Path
     images = torch.stack([_read(path) for path in paths])
 
     def fitted(order: torch.Tensor) -> TemplateSsim:
-        model = TemplateSsim(image_size=96, angles=ANGLES, max_shift=8, max_images_per_class=5, visualizer=False)
+        model = TemplateSsim(
+            image_size=96, pose_search={"angles": ANGLES, "max_shift": 8}, max_images_per_class=5, visualizer=False
+        )
         for chunk in order.split(16):
             model.training_step(ImageBatch(image=images[chunk], image_path=[str(paths[i]) for i in chunk]))
         model.fit()

@@ -80,7 +80,7 @@ def test_two_unseeded_fits_of_the_same_config_give_the_same_threshold(mvtec_root
     for history in (1, 2):
         torch.manual_seed(history)
         np.random.seed(history)  # noqa: NPY002
-        model = Dfkdm(feature_source="backbone", image_size=64, layers=["blocks.2"], check_data=False)
+        model = Dfkdm(image_size=64, layers=["blocks.2"], check_data=False)
         engine = Engine(
             max_epochs=1, default_root_dir=tmp_path / str(history), accelerator="cpu", devices=1, logger=False
         )

@@ -14,11 +14,22 @@ from anomalib_ext.models.components.sampling import (
 from anomalib_ext.models.components.tiling import TileGrid, paint_tile_scores, painting_operators
 
 
-def _torch_model(**kwargs):
-    """``TileOutlierModel`` with ``TileOutlier``'s defaults (declared there only)."""
-    from anomalib_ext.models import TileOutlier
+def _torch_model(**options):
+    """``TileOutlierModel`` with ``TileOutlier``'s defaults (declared there only).
 
-    return TileOutlier(**kwargs, visualizer=False).model
+    ``options``: ``TileOutlier`` arguments or keys of its settings groups (``tile_size``, ``num_neighbors``, ...).
+    """
+    from dataclasses import fields
+
+    from anomalib_ext.models import TileOutlier
+    from anomalib_ext.models.tile_outlier import MemoryBankSettings, SearchSettings, TilingSettings
+
+    groups = {"tiling": TilingSettings, "search": SearchSettings, "memory_bank": MemoryBankSettings}
+    grouped = {
+        name: {key: options.pop(key) for key in [field.name for field in fields(kind)] if key in options}
+        for name, kind in groups.items()
+    }
+    return TileOutlier(**grouped, **options, visualizer=False).model
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -95,11 +106,17 @@ def test_pooling_matrices_average_over_the_tile_area() -> None:
 def test_bad_parameters_are_named_in_the_error(kwargs: dict, word: str) -> None:
     arguments = {"image_size": (64, 64), "pre_trained": False, "tile_size": 16, "stride": 8}
     if "num_parts" in kwargs:
-        arguments.pop("stride")
-        arguments.pop("tile_size")
+        arguments.update(tile_size=None, stride=None)
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=word):
         _torch_model(**arguments)
+
+
+def test_a_misspelt_settings_key_is_named_in_the_error() -> None:
+    from anomalib_ext.models import TileOutlier
+
+    with pytest.raises(ValueError, match=r"TilingSettings: unknown keys \['tile_sise'\]"):
+        TileOutlier(tiling={"tile_sise": 16}, pre_trained=False)
 
 
 # ---------------------------------------------------------------------------------------- memory bank
@@ -170,11 +187,11 @@ def test_bank_cap_is_respected(position_aware: bool) -> None:
         stride=8,
         pre_trained=False,
         position_aware=position_aware,
-        max_bank_size=200,
+        max_tiles=200,
     )
     rows, cols = model.grid.shape
     embeddings = torch.nn.functional.normalize(torch.randn(40, rows, cols, 12), dim=-1)
-    model.fit_bank(embeddings)
+    model.fit(embeddings)
     assert 0 < model.bank_tiles <= 200
     model.eval()
     # a tile equal to a bank tile (at its own position) scores 0
@@ -189,7 +206,13 @@ def test_bank_cap_is_respected(position_aware: bool) -> None:
 def test_lightning_reservoir_caps_fit_memory() -> None:
     from anomalib_ext.models import TileOutlier
 
-    model = TileOutlier(image_size=64, tile_size=16, stride=16, pre_trained=False, max_fit_tiles=160, visualizer=False)
+    model = TileOutlier(
+        image_size=64,
+        tiling={"tile_size": 16, "stride": 16},
+        pre_trained=False,
+        memory_bank={"max_fit_tiles": 160},
+        visualizer=False,
+    )
     assert model.model.grid.num_tiles == 16
     for _ in range(5):
         model._reservoir.add(torch.randn(8, 4, 4, 12))
@@ -212,7 +235,7 @@ def fitted_tile_model(tmp_path_factory: pytest.TempPathFactory):
         return torch.stack([read_image(path, as_tensor=True) for path in paths])
 
     with torch.no_grad():
-        model.fit_bank(model.embed(load(sorted((category / "train" / "good").glob("*.png")))))
+        model.fit(model.embed(load(sorted((category / "train" / "good").glob("*.png")))))
     defective = sorted(path for path in (category / "test").glob("*/*.png") if path.parent.name != "good")
     masks = [
         read_mask(category / "ground_truth" / path.parent.name / f"{path.stem}_mask.png", as_tensor=True)

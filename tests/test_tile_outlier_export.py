@@ -31,18 +31,22 @@ def small_images(tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
 @pytest.mark.parametrize(
     "options",
     [
-        {"embed": "crop", "tile_size": 16, "stride": 12, "crop_size": 24},
-        {"position_aware": False, "num_parts": 5, "tile_size": None, "stride": None, "num_neighbors": 3},
+        {"tiling": {"embed": "crop", "tile_size": 16, "stride": 12, "crop_size": 24}},
+        {
+            "search": {"position_aware": False, "num_neighbors": 3},
+            "tiling": {"num_parts": 5, "tile_size": None, "stride": None},
+        },
     ],
     ids=["crop", "global-num-parts"],
 )
 def test_other_branches_export_and_match_torch(options: dict, small_images: torch.Tensor, tmp_path: Path) -> None:
     from anomalib_ext.models import TileOutlier
 
-    model = TileOutlier(image_size=64, max_bank_size=500, visualizer=False, evaluator=False, **options).eval()
+    model = TileOutlier(image_size=64, memory_bank={"max_tiles": 500}, visualizer=False, evaluator=False, **options)
+    model.eval()
     train, test = small_images[:6], small_images[6:]
     with torch.no_grad():
-        model.model.fit_bank(model.model.embed(model.pre_processor.transform(train)))
+        model.model.fit(model.model.embed(model.pre_processor.transform(train)))
     model._is_fitted = torch.tensor([True])
     xml = model.to_openvino(export_root=tmp_path, input_size=(64, 64))
     inferencer = OpenVINOInferencer(path=xml, device="CPU", config=OPENVINO_F32)

@@ -293,7 +293,7 @@ def check_dataset(spec: DatasetSpec) -> None:
 
 def check_options(spec: DatasetSpec) -> None:
     """Name an unknown dataset option at once, with the ones this layout accepts."""
-    from benchmarking.cell import DATASET_OPTIONS
+    from benchmarking.builders import DATASET_OPTIONS
 
     known = DATASET_OPTIONS.get(spec.kind, ())
     unknown = sorted(set(spec.options) - set(known))
@@ -318,7 +318,7 @@ def prepare_datasets(specs: list[DatasetSpec], seed: int) -> list[dict[str, Any]
     for spec in specs:
         entry = spec.to_dict()
         if spec.kind == "dice":
-            from benchmarking.cell import build_dice
+            from benchmarking.builders import build_dice
 
             try:
                 tables = build_dice(Path(spec.path), spec.options, seed).split_samples()

@@ -32,7 +32,7 @@ def build_model(name: str, init_args: dict):  # noqa: ANN201 (AnomalibModule)
         msg = f"unknown demo model '{name}'; choose one of {', '.join(DEMO_MODELS)}"
         raise SystemExit(msg)
     sys.path.insert(0, str(REPO / "tools"))
-    from benchmarking.cell import build_model as build
+    from benchmarking.builders import build_model as build
 
     class_path = "anomalib.models.Padim" if name == "Padim" else f"anomalib_ext.models.{name}"
     return build({"class_path": class_path, "init_args": init_args})

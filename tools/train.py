@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from anomalib.data import MVTecAD
     from anomalib.engine import Engine
-    from benchmarking.cell import build_model
+    from benchmarking.builders import build_model
     from lightning.pytorch import seed_everything
 
     seed_everything(args.seed, workers=True)
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latent_dim": args.latent_dim,
         "base_channels": args.base_channels,
         "num_downsamples": num_downsamples,
-        "beta": args.beta,
+        "loss_weights": {"kl": args.beta},
         "learning_rate": args.learning_rate,
     }
     try:  # the benchmark's builder: one way to build a model in tools/

@@ -1,5 +1,14 @@
-"""Datamodules and synthetic datasets."""
+"""Datamodules, synthetic datasets and the checks of what they read. Knows no model: models import from here.
 
+- ``dice``: the ``Dice`` datamodule; ``class_folders``: a normal image's class from its ``good/<class>/`` folder
+- ``synthetic``: MVTec- and dice-layout datasets with planted defects; ``duplicates``: byte-identical copies
+- ``validation``: checks of image files, folders, masks and dataset layouts (``python -m`` lists every bad file)
+- ``datamodule_checks``: the check each datamodule gets, the exit on bad data, the ``CheckData`` callback
+- ``seeded_split``: synthetic validation anomalies drawn from the datamodule's seed alone
+"""
+
+from .class_folders import NORMAL_DIR, class_from_path
+from .datamodule_checks import CheckData, checked_datamodule, exit_on_bad_data
 from .dice import Dice
 from .synthetic import make_dice_dataset, make_mvtec_dataset
 from .validation import (
@@ -9,11 +18,12 @@ from .validation import (
     check_image_folder,
     check_mask,
     check_mvtec_layout,
-    checked_datamodule,
     read_rgb,
 )
 
 __all__ = [
+    "NORMAL_DIR",
+    "CheckData",
     "DataValidationError",
     "Dice",
     "check_dice_layout",
@@ -22,6 +32,8 @@ __all__ = [
     "check_mask",
     "check_mvtec_layout",
     "checked_datamodule",
+    "class_from_path",
+    "exit_on_bad_data",
     "make_dice_dataset",
     "make_mvtec_dataset",
     "read_rgb",

@@ -38,10 +38,10 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
-from anomalib_ext.models.components.class_folders import NORMAL_DIR, class_from_path
-
+from .class_folders import NORMAL_DIR, class_from_path
 from .duplicates import without_copies_of
-from .validation import IMAGE_SUFFIXES, check_dice_layout
+from .validation.files import IMAGE_SUFFIXES
+from .validation.layouts import check_dice_layout
 
 _SESSION = re.compile(r"(?<!\d)([0-3]\d_[01]\d_2\d)(?!\d)")  # dd_mm_yy, e.g. 16_09_21
 # The dice protocol (the benchmark's and the configs'): a plant's data shifts by acquisition session, so the test

@@ -57,9 +57,10 @@ def test_check_data_false_skips_the_check(mvtec_with_zero_byte_file: Path) -> No
 
     from anomalib_ext.models import TileOutlier
 
-    model = TileOutlier(image_size=64, tile_size=16, check_data=False)
+    model = TileOutlier(image_size=64, check_data=False)
     datamodule = MVTecAD(root=mvtec_with_zero_byte_file, category="bad", num_workers=0)
     engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, max_epochs=1)
     with pytest.raises(Exception) as caught:  # noqa: PT011  (whatever anomalib/PIL raise: not our exit)
         engine.fit(model=model, datamodule=datamodule)
     assert not isinstance(caught.value, SystemExit)
+    assert "broken.png" in str(caught.value)  # anomalib met the file itself (the fit did not fail for another reason)

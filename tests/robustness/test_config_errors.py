@@ -9,13 +9,18 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import typing
+from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
+import anomalib_ext
 import anomalib_ext.models as ext_models
+from anomalib_ext.models.components import CHECKPOINT_VERSION_KEY
 from tests.robustness.models import cheapest_cases
 
 MODEL_NAMES = list(ext_models.__all__)
@@ -48,10 +53,23 @@ def _parse(config: Path, capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().err
 
 
-def _int_parameter(model_name: str) -> str | None:
-    """A constructor parameter annotated ``int`` (to give it a wrong type)."""
-    signature = inspect.signature(getattr(ext_models, model_name).__init__)
-    return next((name for name, p in signature.parameters.items() if p.annotation in (int, "int")), None)
+def _int_parameter(model_name: str) -> tuple[str, dict[str, Any]] | None:
+    """A constructor parameter annotated ``int``, or an ``int`` field of a nested settings group (``density``,
+    ``tiling``, ...): its name and the model arguments that give it a wrong type."""
+    model_class = getattr(ext_models, model_name)
+    hints = typing.get_type_hints(model_class.__init__)
+    for name in inspect.signature(model_class.__init__).parameters:
+        if hints.get(name) is int:
+            return name, {name: "lots"}
+    for name in inspect.signature(model_class.__init__).parameters:
+        group = next((arg for arg in typing.get_args(hints.get(name)) or (hints.get(name),) if is_dataclass(arg)), None)
+        if group is None:
+            continue
+        field_hints = typing.get_type_hints(group)
+        for item in fields(group):
+            if field_hints[item.name] is int:
+                return item.name, {name: {item.name: "lots"}}
+    return None
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
@@ -63,10 +81,10 @@ def test_misspelt_model_key_is_named(model_name: str, tmp_path: Path, capsys) ->
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_wrong_type_is_named(model_name: str, tmp_path: Path, capsys) -> None:
-    parameter = _int_parameter(model_name)
-    if parameter is None:
-        pytest.skip(f"{model_name} has no int parameter")
-    err = _parse(_config(tmp_path, model_name, {parameter: "lots"}), capsys)
+    found = _int_parameter(model_name)
+    assert found is not None, f"{model_name} has no int parameter, nested or not"
+    parameter, arguments = found
+    err = _parse(_config(tmp_path, model_name, arguments), capsys)
     assert parameter in err
     assert "lots" in err
 
@@ -117,6 +135,7 @@ def _checkpoint_of(model, path: Path) -> Path:
             "state_dict": model.state_dict(),
             "hyper_parameters": dict(model.hparams),
             "hparams_name": "kwargs",
+            CHECKPOINT_VERSION_KEY: anomalib_ext.__version__,
             "pytorch-lightning_version": lightning.__version__,
             "epoch": 0,
             "global_step": 0,

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalib_ext.data.validation import DataValidationError, checked_datamodule, read_rgb
+from anomalib_ext.data.datamodule_checks import checked_datamodule
+from anomalib_ext.data.validation import DataValidationError, read_rgb
 from tests.robustness.files import BAD_FILES, rgb_pattern, write_gray16, write_modes, write_png
 
 LOADER_ARGS = {"train_batch_size": 4, "eval_batch_size": 4, "num_workers": 0}
@@ -183,12 +184,13 @@ def test_dice_mixed_modes_load_as_rgb(small_dice: Path, tmp_path: Path) -> None:
 
 
 def test_check_data_callback_checks_before_loading(small_mvtec: Path, tmp_path: Path) -> None:
-    """``trainer.callbacks: [anomalib_ext.data.validation.CheckData]`` in a config: the bad file is named at setup."""
+    """``trainer.callbacks: [anomalib_ext.data.datamodule_checks.CheckData]`` in a config: the bad file is named at
+    setup."""
     from types import SimpleNamespace
 
     from lightning.pytorch import Callback
 
-    from anomalib_ext.data.validation import CheckData
+    from anomalib_ext.data.datamodule_checks import CheckData
 
     assert issubclass(CheckData, Callback)
     root = _copy(small_mvtec, tmp_path)

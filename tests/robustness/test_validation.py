@@ -83,10 +83,10 @@ def test_too_small_image_is_reported_with_both_sizes(tmp_path: Path) -> None:
 
 
 def test_very_large_image_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import anomalib_ext.data.validation as validation
+    from anomalib_ext.data.validation import files
 
     path = write_png(tmp_path / "large.png", np.zeros((300, 400, 3), np.uint8))
-    monkeypatch.setattr(validation, "MAX_PIXELS", 100_000)
+    monkeypatch.setattr(files, "MAX_PIXELS", 100_000)
     with pytest.raises(DataValidationError, match="too large"):
         check_image_file(path)
 
@@ -201,7 +201,7 @@ def test_real_data_passes(real_data: Path) -> None:
 
 
 def test_command_line_reports_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from anomalib_ext.data.validation import main
+    from anomalib_ext.data.validation.__main__ import main
 
     folder = tmp_path / "images"
     folder.mkdir()

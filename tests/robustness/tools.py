@@ -11,12 +11,8 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 def load_tool(name: str) -> ModuleType:
-    """``tools/<name>.py`` as a module; skips the test while that tool has not landed."""
-    import pytest
-
+    """``tools/<name>.py`` as a module (loaded once per test session)."""
     path = TOOLS / f"{name}.py"
-    if not path.is_file():
-        pytest.skip(f"tools/{name}.py not present yet")
     key = f"_robustness_tool_{name}"
     if key in sys.modules:
         return sys.modules[key]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from benchmarking.cell import peak_rss_mb
+from benchmarking.measures import peak_rss_mb
 
 
 class RankPeakMemory(Callback):

@@ -24,6 +24,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from benchmarking.measures import squeeze_map
+
 WARMUP_CALLS = 2
 MIN_TIMED_SECONDS = 3.0  # interleaved timing repeats the images until every runner has run this long
 MAX_TIMED_PASSES = 20
@@ -264,8 +266,6 @@ def openvino_accuracy(runner: OpenVinoRunner, datamodule: Any) -> dict[str, Any]
     import torch
     from anomalib.metrics import AUROC
 
-    from benchmarking.cell import squeeze_map
-
     scores, labels, maps, masks = [], [], [], []
     for data in datamodule.test_dataloader():
         for index, array in enumerate(runner.arrays(data.image)):
@@ -339,3 +339,65 @@ def quantize_trunk(trunk_xml: Path, datamodule: Any) -> Path:  # noqa: ANN401
     target = trunk_xml.with_name("model_int8.xml")
     ov.save_model(quantize_calibrated(model, datamodule), target)
     return target
+
+
+def openvino_stage(engine, model, datamodule, images: list, torch_scores: list, settings: dict, cell_dir: Path) -> dict:  # noqa: ANN001, PLR0913
+    """Export in every ``export_precisions`` (fp32 first), time each export beside the bare backbone trunk, and
+    score each export on the test set with OpenVINO itself.
+
+    The trunk and the exports are timed interleaved (one call of each in turn per image,
+    ``time_interleaved``), so their ratios are measured under the same load. The first precision's figures
+    also go to the top level of the result (``openvino_images_per_s``, ...), as before; ``openvino_exports`` holds
+    one entry per precision (one row each in ``results.csv``).
+    """
+    threads = settings["threads"]
+    started = time.perf_counter()
+    precisions = settings.get("export_precisions") or ["fp32"]
+    shape = tuple(images[0].shape)  # every runner compiled for this static input, like an edge deployment
+    runners = {
+        precision: OpenVinoRunner(
+            export_openvino(
+                engine, model, cell_dir / f"export_{precision}", precision, datamodule, input_size=shape[-2:]
+            ),
+            threads,
+            image_shape=shape,
+        )
+        for precision in precisions
+    }
+    trunk = export_trunk(model, images[0], cell_dir / "export_trunk")
+    trunks = {}
+    if trunk is not None:
+        trunks["trunk"] = OpenVinoRunner(trunk[0], threads, score_output=None, image_shape=shape)
+        if "int8" in precisions:  # the network alone in INT8: the ceiling of any INT8 speed-up at this size
+            int8_trunk = quantize_trunk(trunk[0], datamodule)
+            trunks["trunk_int8"] = OpenVinoRunner(int8_trunk, threads, score_output=None, image_shape=shape)
+    min_seconds = 0.0 if settings.get("quick") else MIN_TIMED_SECONDS  # --quick: one pass
+    timed = time_interleaved({**trunks, **runners}, images, min_seconds)
+    backbone: dict[str, Any] = {"backbone_img_per_s": None, "backbone_layer": None}
+    if trunk is not None:
+        backbone = {"backbone_img_per_s": timed["trunk"]["images_per_s"], "backbone_layer": trunk[1]}
+    if "trunk_int8" in timed:
+        backbone["backbone_int8_img_per_s"] = timed["trunk_int8"]["images_per_s"]
+        backbone["backbone_int8_speedup"] = timed["trunk_int8"]["images_per_s"] / timed["trunk"]["images_per_s"]
+    exports = []
+    for precision in precisions:
+        entry: dict[str, Any] = {"openvino_precision": precision, **backbone, **runners[precision].description()}
+        entry["openvino_images_per_s"] = timed[precision]["images_per_s"]
+        entry["openvino_load_average_1min"] = timed[precision]["load_average_1min"]
+        entry["openvino_timed_passes"] = timed[precision]["timed_passes"]
+        entry["openvino_max_score_diff"] = max(
+            abs(a - b) for a, b in zip(torch_scores, timed[precision]["scores"], strict=True)
+        )
+        entry["openvino_speedup_vs_fp32"] = entry["openvino_images_per_s"] / timed[precisions[0]]["images_per_s"]
+        if backbone["backbone_img_per_s"]:
+            entry["openvino_fraction_of_backbone"] = entry["openvino_images_per_s"] / backbone["backbone_img_per_s"]
+        try:  # where the time goes, per stage (module) of the graph; never fails the cell
+            entry["openvino_stage_ms"] = stage_profile(runners[precision], runners[precision].arrays(images)[0])
+        except Exception as error:  # noqa: BLE001
+            entry["openvino_stage_ms"] = {"error": str(error)}
+        if not settings.get("speed_only"):
+            entry.update(openvino_accuracy(runners[precision], datamodule))
+        exports.append(entry)
+    result: dict[str, Any] = {**exports[0], "openvino_exports": exports}
+    result["export_and_openvino_seconds"] = time.perf_counter() - started
+    return result

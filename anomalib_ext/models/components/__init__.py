@@ -1,14 +1,17 @@
 """Pieces shared by several anomalib-ext models, grouped by topic like anomalib's own components. They know no model.
 
-- ``base``: ``ExtModelMixin``, the Lightning base of every model (resize pre-processor, opset-18 export, SIGTERM status)
+- ``base``: ``ExtModelMixin``, the Lightning base of every model (resize pre-processor, data check, opset-18 export,
+  SIGTERM status, versioned checkpoints)
 - ``backbone``: offline timm feature extractors, layer defaults, ``InputNormalizer``
 - ``filters``: ``GaussianBlur`` and ``SSIMMap``
 - ``stats``: image scores from maps, robust statistics, k-medoids, ``MapStandardizer``; ``kde``: feature densities
 - ``sampling``: reservoir and coreset samplers; ``alignment``: NCC pose search; ``tiling``: tile grids
-- ``autoencoder``, ``cutpaste``, ``class_folders``
+- ``autoencoder``, ``cutpaste``; ``class_from_path`` is re-exported from ``anomalib_ext.data.class_folders``
 - ``thresholds``: ``RobustThresholdPostProcessor``, the image threshold every model uses (docs/thresholds.md)
 - ``distributed``: merging fit data across DDP ranks (no-ops on one process); makes ``ddp_spawn`` pickle the CLI
 """
+
+from anomalib_ext.data.class_folders import NORMAL_DIR, class_from_path
 
 from .autoencoder import AutoencoderOutput, ConvAutoencoder, ReconstructionLoss, kl_divergence
 from .backbone import (
@@ -22,15 +25,16 @@ from .backbone import (
     build_feature_extractor,
 )
 from .base import (
+    CHECKPOINT_VERSION_KEY,
     EXPORT_OPSET,
     SIGTERM_EXIT_STATUS,
     ExtModelMixin,
     ImageSize,
+    IncompatibleCheckpointError,
     SigtermExitStatus,
     as_pair,
     image_metrics_evaluator,
 )
-from .class_folders import NORMAL_DIR, class_from_path
 from .cutpaste import CutPaste
 from .distributed import DdpAnchor, gather_objects, gather_reservoir, gather_rows, is_distributed, sum_across_ranks
 from .filters import GaussianBlur, SSIMMap, gaussian_kernel_1d
@@ -45,6 +49,7 @@ from .stats import (
 from .thresholds import NormalScoreWindow, RobustThresholdPostProcessor
 
 __all__ = [
+    "CHECKPOINT_VERSION_KEY",
     "AutoencoderOutput",
     "ConvAutoencoder",
     "CutPaste",
@@ -56,6 +61,7 @@ __all__ = [
     "ExtModelMixin",
     "GaussianBlur",
     "INPUT_NORMALIZATIONS",
+    "IncompatibleCheckpointError",
     "ImageSize",
     "InputNormalization",
     "InputNormalizer",

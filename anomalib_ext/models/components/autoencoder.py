@@ -163,11 +163,18 @@ class ReconstructionLoss(nn.Module):
 
     L2 alone rewards blurry outputs and ignores structure; SSIM keeps edges and texture. ``beta`` weighs
     the KL term of a VAE (ignored when ``mu``/``logvar`` are absent). Returns the total and its parts so a
-    training step can log them.
+    training step can log them. The SSIM window defaults to the standard one (11 taps, sigma 1.5: Wang et al.
+    2004, kornia's fixed sigma), which no model changes.
     """
 
     def __init__(
-        self, *, l2_weight: float, ssim_weight: float, beta: float, ssim_window_size: int, ssim_sigma: float
+        self,
+        *,
+        l2_weight: float,
+        ssim_weight: float,
+        beta: float,
+        ssim_window_size: int = 11,
+        ssim_sigma: float = 1.5,
     ) -> None:
         super().__init__()
         for name, value in (("l2_weight", l2_weight), ("ssim_weight", ssim_weight), ("beta", beta)):

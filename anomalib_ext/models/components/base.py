@@ -21,6 +21,13 @@ among the *direct* subclasses of ``AnomalibModule`` only. It provides:
 - thresholds that synthetic validation anomalies cannot push out of the normal scores' reach
   (``RobustThresholdPostProcessor``, ``docs/thresholds.md``), drawn reproducibly: the synthetic validation
   anomalies depend on the datamodule's ``seed`` only (``anomalib_ext.data.seeded_split``);
+- the data checked before it is read: ``prepare_data`` is the one hook Lightning runs after the datamodule's
+  ``prepare_data`` and before its ``setup`` (which decodes images for synthetic anomalies); no callback hook runs
+  there (Lightning calls the datamodule's ``setup`` before any callback's). What is checked and how the split is
+  drawn is the data package's (``data.datamodule_checks``, ``data.seeded_split``); the model only calls it;
+- checkpoints stamped with the package version (``anomalib_ext_version``); a checkpoint of a release whose
+  models this one cannot read (before ``OLDEST_READABLE_RELEASE``) fails on load with one line naming the release
+  that reads it, instead of a missing-key error from deep inside ``load_state_dict``;
 - a SIGTERM exit status: Lightning turns SIGTERM (a scheduler's stop, ``kill``, a container shutdown) into a
   ``SystemExit`` without a code, so ``anomalib train`` would exit 0 like a finished run and scripts chaining
   fit -> export would carry on with a half-trained model. ``SigtermExitStatus`` makes it exit with 143 (128 +
@@ -34,6 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from anomalib.data import Batch
 from anomalib.metrics import AUROC, Evaluator, F1Score
 from anomalib.pre_processing import PreProcessor
@@ -43,12 +51,20 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 
+from anomalib_ext.data.datamodule_checks import exit_on_bad_data
+from anomalib_ext.data.seeded_split import ensure_seeded_anomalies, is_set_up, setup_with_seeded_anomalies
+from anomalib_ext.version import __version__, release_of
+
 from .distributed import fresh_storage_for_resized_buffers
 from .quantization import name_nodes_by_module, quantize_modules
 from .thresholds import RobustThresholdPostProcessor
 
 EXPORT_OPSET = 18
 SIGTERM_EXIT_STATUS = 143
+# checkpoint key that holds the anomalib-ext version that wrote it
+CHECKPOINT_VERSION_KEY = "anomalib_ext_version"
+# 0.4.0 moved the models' fitted state into their torch models (issue 22): older checkpoints do not load
+OLDEST_READABLE_RELEASE = (0, 4)
 
 ImageSize = int | Sequence[int]
 
@@ -87,6 +103,31 @@ class SigtermExitStatus(Callback):
         where = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
         stage = trainer.state.fn.value if trainer.state.fn else "run"
         print(f"interrupted by SIGTERM during {stage}; {where}", file=sys.stderr)  # noqa: T201
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint written by a release whose models this release cannot read."""
+
+
+def check_checkpoint_release(checkpoint: dict[str, Any], path: str | Path | None = None) -> None:
+    """Raise :class:`IncompatibleCheckpointError` (one line naming the release that reads it) unless ``checkpoint``
+    was written by ``OLDEST_READABLE_RELEASE`` or later. ``path`` only names the file in the message."""
+    written_by = checkpoint.get(CHECKPOINT_VERSION_KEY)
+    release = release_of(str(written_by)) if written_by is not None else None
+    if release is not None and release >= OLDEST_READABLE_RELEASE:
+        return
+    oldest = ".".join(str(part) for part in OLDEST_READABLE_RELEASE)
+    older = f"{OLDEST_READABLE_RELEASE[0]}.{OLDEST_READABLE_RELEASE[1] - 1}"
+    what = f"{Path(path).name} was" if path else "this checkpoint was"
+    if written_by is None:
+        origin, reader = f"anomalib-ext {older}.x or older (it has no '{CHECKPOINT_VERSION_KEY}')", f"{older}.0"
+    else:
+        origin, reader = f"anomalib-ext {written_by}", str(written_by)
+    msg = (
+        f"{what} written by {origin}; this is {__version__}, which reads checkpoints of {oldest} and later: "
+        f"retrain, or load it with `pip install anomalib-ext=={reader}`"
+    )
+    raise IncompatibleCheckpointError(msg)
 
 
 class ExtModelMixin:
@@ -135,16 +176,14 @@ class ExtModelMixin:
         (``seeded_split``): the same config gives the same validation images, hence the same threshold, every run.
         """
         super().prepare_data()  # type: ignore[misc]
-        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
-        if self.check_data and datamodule is not None:
-            from anomalib_ext.data.validation import exit_on_bad_data  # data knows no model: imported on use
-
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        if self.check_data:
             exit_on_bad_data(datamodule)
-        if datamodule is not None:
-            from anomalib_ext.data.seeded_split import is_set_up, setup_with_seeded_anomalies
-
-            if not is_set_up(datamodule):  # draw the synthetic anomalies now, from the datamodule's seed only
-                setup_with_seeded_anomalies(datamodule, self._trainer.state.fn)  # type: ignore[attr-defined]
+        if not is_set_up(datamodule):  # draw the synthetic anomalies now, from the datamodule's seed only
+            setup_with_seeded_anomalies(datamodule, trainer.state.fn)  # type: ignore[union-attr]
 
     def setup(self, stage: str) -> None:
         """Redraw, from the datamodule's seed, synthetic anomalies drawn before ``prepare_data`` could seed them
@@ -152,9 +191,34 @@ class ExtModelMixin:
         super().setup(stage)  # type: ignore[misc]
         datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
         if datamodule is not None:
-            from anomalib_ext.data.seeded_split import ensure_seeded_anomalies
-
             ensure_seeded_anomalies(datamodule)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Stamp the checkpoint with the version that wrote it (what ``on_load_checkpoint`` checks)."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        checkpoint[CHECKPOINT_VERSION_KEY] = __version__
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """Lightning's ``load_from_checkpoint``; a checkpoint of an older release whose saved arguments this release
+        no longer takes fails with the one-line release message, not a ``TypeError`` from the constructor (Lightning
+        builds the model from the saved arguments before ``on_load_checkpoint`` can look at the version)."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+        except (TypeError, ValueError) as error:
+            if isinstance(error, IncompatibleCheckpointError) or not isinstance(checkpoint_path, str | Path):
+                raise
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+            check_checkpoint_release(checkpoint, checkpoint_path)
+            raise
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, a checkpoint of a release whose models this one cannot read.
+
+        Models that override this hook call ``super().on_load_checkpoint(checkpoint)`` first.
+        """
+        check_checkpoint_release(checkpoint, getattr(getattr(self, "_trainer", None), "ckpt_path", None))
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
     def configure_post_processor(self) -> RobustThresholdPostProcessor:
         """anomalib's post-processor with the image threshold clamped into the normal scores' window."""

@@ -15,6 +15,20 @@ from torch import nn
 MAD_TO_STD = 1.4826  # a normal distribution's standard deviation over its median absolute deviation
 
 
+def check_topk_fraction(value: float, *, allow_zero: bool = False) -> float:
+    """``value`` if it is a valid share of a map's pixels for ``topk_mean``, else a ``ValueError`` naming the interval.
+
+    ``allow_zero=True`` accepts ``[0, 1)`` (0 = the maximum); otherwise ``(0, 1]``. One check for every model's
+    ``topk_fraction``.
+    """
+    valid = 0.0 <= value < 1.0 if allow_zero else 0.0 < value <= 1.0
+    if not valid:
+        interval = "[0, 1)" if allow_zero else "(0, 1]"
+        msg = f"topk_fraction must be in {interval}, got {value!r}"
+        raise ValueError(msg)
+    return value
+
+
 def topk_mean(anomaly_map: torch.Tensor, fraction: float = 0.01) -> torch.Tensor:
     """Mean of the highest ``fraction`` of each map's pixels: an image score robust to a single hot pixel.
 

@@ -1,6 +1,6 @@
-"""Dfkdm: deep-feature kernel density model (backbone features or LAKE autoencoder features)."""
+"""Dfkdm: deep-feature kernel density model on pooled backbone features; DfkdmLake: its LAKE autoencoder variant."""
 
-from .lightning_model import Dfkdm
-from .torch_model import DfkdmModel
+from .lightning_model import Dfkdm, DfkdmLake
+from .torch_model import DensitySettings, DfkdmModel, LakeModel
 
-__all__ = ["Dfkdm", "DfkdmModel"]
+__all__ = ["DensitySettings", "Dfkdm", "DfkdmLake", "DfkdmModel", "LakeModel"]

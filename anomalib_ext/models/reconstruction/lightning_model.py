@@ -22,16 +22,15 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import InterpolationMode
 
 from anomalib_ext.models.components import (
-    AutoencoderOutput,
     ExtModelMixin,
     ImageSize,
     MapMoments,
-    ReconstructionLoss,
     gather_objects,
     is_distributed,
     sum_across_ranks,
 )
 
+from .loss import LossWeights, build_loss
 from .torch_model import MapMode, ReconstructionModel, Variant
 
 
@@ -42,18 +41,18 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
         variant: ``ae`` (plain autoencoder) or ``vae`` (variational; scores with its mean reconstruction).
         image_size: side length (or (height, width)) the pre-processor resizes to and the network is built for;
             divisible by ``2 ** num_downsamples``.
-        latent_dim: size of the bottleneck code.
+        latent_dim: size of the bottleneck code; small enough that defects cannot be copied through.
         base_channels: width of the first encoder stage (doubled per stage, capped at 8x).
         num_downsamples: stride-2 stages of the encoder (the decoder mirrors them).
-        l2_weight, ssim_weight: weights of the L2 and (1 - SSIM) reconstruction losses.
-        beta: weight of the VAE's KL divergence (summed over the code, averaged over the batch).
-        anomaly_map_mode: ``ssim`` (1 - local SSIM) or ``l2`` (squared residual).
-        ssim_window_size, ssim_sigma: odd side and sigma of the Gaussian SSIM window (loss and map).
+        loss_weights: ``LossWeights`` or a mapping of its keys: ``l2`` (MSE), ``ssim`` (1 - SSIM) and ``kl``
+            (the VAE's KL divergence), defaults 1.0, 1.0, 1e-4.
+        anomaly_map_mode: ``ssim`` (1 - local SSIM of input and reconstruction) or ``l2`` (squared residual
+            averaged over channels). Either map is then smoothed and standardised per pixel by the mean and
+            spread of the training images' maps there (gathered during each training epoch from the
+            reconstructions the loss already computed).
         map_sigma: Gaussian blur of the anomaly map, pixels (0 = none).
-        topk_fraction: image score = mean of the top ``topk_fraction`` of map pixels.
-        normalize_map: standardise each map pixel by the mean and spread of the training images' maps there
-            (collected during each training epoch from the reconstructions the loss already computed).
-        learning_rate, weight_decay: Adam settings.
+        topk_fraction: image score = mean of the top ``topk_fraction`` of map pixels, in (0, 1].
+        learning_rate: Adam's learning rate.
         check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
             bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: as in every anomalib model. The default
@@ -76,17 +75,11 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
         latent_dim: int = 128,
         base_channels: int = 32,
         num_downsamples: int = 4,
-        l2_weight: float = 1.0,
-        ssim_weight: float = 1.0,
-        beta: float = 1e-4,
+        loss_weights: LossWeights = LossWeights(),  # noqa: B008  (frozen: a shared default is safe)
         anomaly_map_mode: MapMode = "ssim",
-        ssim_window_size: int = 11,
-        ssim_sigma: float = 1.5,
         map_sigma: float = 2.0,
         topk_fraction: float = 0.01,
-        normalize_map: bool = True,
         learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -105,26 +98,14 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
                 base_channels=base_channels,
                 num_downsamples=num_downsamples,
                 anomaly_map_mode=anomaly_map_mode,
-                ssim_window_size=ssim_window_size,
-                ssim_sigma=ssim_sigma,
                 map_sigma=map_sigma,
                 topk_fraction=topk_fraction,
-                normalize_map=normalize_map,
             )
-            self.loss = ReconstructionLoss(
-                l2_weight=l2_weight,
-                ssim_weight=ssim_weight,
-                beta=beta,
-                ssim_window_size=ssim_window_size,
-                ssim_sigma=ssim_sigma,
-            )
+            self.loss = build_loss(LossWeights.coerce(loss_weights))
         except ValueError as error:
             msg = f"Reconstruction: {error}"
             raise ValueError(msg) from None
         self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        # running sums of the training images' raw maps in the current epoch (see _commit_map_statistics)
-        self._map_moments = MapMoments()
 
     @property
     def learning_type(self) -> LearningType:
@@ -135,7 +116,7 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
         return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+        return torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
 
     def _check_images(self, images: torch.Tensor) -> None:
         """Clear error when the data does not fit the network (rather than a shape error deep in a conv)."""
@@ -148,7 +129,7 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
             raise ValueError(msg)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """One reconstruction step on normal images."""
+        """One reconstruction step on normal images; their maps feed the per-pixel statistics."""
         del args, kwargs
         self._check_images(batch.image)
         output = self.model(batch.image)
@@ -162,37 +143,17 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
                 prog_bar=name == "loss",
                 batch_size=len(batch.image),
             )
-        if self.model.normalize_map:
-            self._accumulate_map_statistics(batch.image, output)
+        self.model.accumulate(batch.image, output)
         return {"loss": terms["loss"]}
 
-    @torch.no_grad()
-    def _accumulate_map_statistics(self, images: torch.Tensor, output: AutoencoderOutput) -> None:
-        """Add this batch's raw maps to the epoch's running sums.
+    def _fit_map_statistics(self) -> None:
+        """The torch model fits the epoch's maps; under DDP each rank summed its own shard, so the sums are added up
+        over the ranks first and every rank (and the checkpoint) holds the statistics of the whole training set."""
+        self.model.fit(self._moments_across_ranks())
 
-        The AE's training reconstruction is exactly its inference one (no dropout, GroupNorm), so it is
-        reused; the VAE decodes its mean code once more, as it does at inference.
-        """
-        reconstruction = output.reconstruction
-        if output.mu is not None:
-            reconstruction = self.model.autoencoder.decode(output.mu)
-        self._map_moments.add(self.model.raw_anomaly_map(images, reconstruction.detach()))
-
-    def _commit_map_statistics(self) -> None:
-        """Turn the epoch's sums into the model's per-pixel mean / spread buffers, then start afresh.
-
-        Under DDP each rank summed the maps of its own shard: the sums are added up over the ranks first, so every
-        rank (and the checkpoint) holds the statistics of the whole training set.
-        """
-        moments = self._ranks_map_moments()
-        if moments.total < 2:
-            return
-        self.model.fit_map_statistics(moments)
-        self._map_moments = MapMoments()
-
-    def _ranks_map_moments(self) -> MapMoments:
+    def _moments_across_ranks(self) -> MapMoments:
         """The epoch's map sums over all DDP ranks (this rank's own on one process)."""
-        moments = self._map_moments
+        moments = self.model.map_moments
         if not is_distributed():
             return moments
         shapes = gather_objects(None if moments.sums is None else tuple(moments.sums.shape))
@@ -207,15 +168,15 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
         return merged
 
     def on_train_epoch_start(self) -> None:
-        self._map_moments = MapMoments()
+        self.model.reset_map_moments()
 
     def on_validation_epoch_start(self) -> None:
-        # Lightning validates at the end of a training epoch, before on_train_epoch_end: commit first so
+        # Lightning validates at the end of a training epoch, before on_train_epoch_end: fit first so
         # the post-processor's statistics see the same maps as inference will
-        self._commit_map_statistics()
+        self._fit_map_statistics()
 
     def on_train_epoch_end(self) -> None:
-        self._commit_map_statistics()
+        self._fit_map_statistics()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Scores and maps for the post-processor's threshold and normalisation statistics."""

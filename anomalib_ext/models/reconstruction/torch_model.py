@@ -21,6 +21,7 @@ from anomalib_ext.models.components import (
     SSIMMap,
     topk_mean,
 )
+from anomalib_ext.models.components.stats import check_topk_fraction
 
 Variant = Literal["ae", "vae"]
 MapMode = Literal["ssim", "l2"]
@@ -31,23 +32,10 @@ MAP_MODES: tuple[str, ...] = ("ssim", "l2")
 class ReconstructionModel(nn.Module):
     """Autoencoder (``ae``) or VAE (``vae``) scored by how badly it reconstructs each pixel.
 
-    The arguments are ``Reconstruction``'s (documented there, with their defaults).
-
-    Args:
-        variant: ``ae`` or ``vae``. The VAE reconstructs from its mean code at inference (deterministic).
-        image_size: side length (or (height, width)) of the images the network sees.
-        latent_dim, base_channels, num_downsamples: network size, see ``ConvAutoencoder``.
-        in_channels: image channels.
-        anomaly_map_mode: ``ssim`` (1 - local SSIM of input and reconstruction) or ``l2`` (squared residual
-            averaged over channels).
-        ssim_window_size, ssim_sigma: the SSIM Gaussian window (odd side, sigma).
-        map_sigma: Gaussian blur of the map in pixels (0 = none), replicate padding (valid for any map size).
-            Reconstruction residuals are speckled by noise and fine texture; blurring before scoring makes a
-            defect (a connected region) stand out from isolated hot pixels.
-        topk_fraction: the image score is the mean of the highest ``topk_fraction`` of map pixels.
-        normalize_map: standardise each pixel of the map by the mean and spread of normal images' maps at that
-            pixel (``map_stats``, fitted by ``fit_map_statistics`` after training). Parts that are always hard to
-            reconstruct (edges, fine texture) then stop dominating the map; identity until set.
+    The arguments are ``Reconstruction``'s, documented there with their defaults; ``in_channels`` is the images'
+    channels. What it learns without gradients is the per-pixel standardisation of the map (``map_stats``):
+    ``accumulate`` adds each training batch's raw maps to running sums, ``fit`` turns the sums into the
+    statistics. Parts that are always hard to reconstruct (edges, fine texture) then stop dominating the map.
     """
 
     def __init__(
@@ -59,11 +47,8 @@ class ReconstructionModel(nn.Module):
         base_channels: int,
         num_downsamples: int,
         anomaly_map_mode: MapMode,
-        ssim_window_size: int,
-        ssim_sigma: float,
         map_sigma: float,
         topk_fraction: float,
-        normalize_map: bool,
         in_channels: int = 3,
     ) -> None:
         super().__init__()
@@ -73,15 +58,12 @@ class ReconstructionModel(nn.Module):
         if anomaly_map_mode not in MAP_MODES:
             msg = f"anomaly_map_mode must be one of {MAP_MODES}, got {anomaly_map_mode!r}"
             raise ValueError(msg)
-        if not 0 < topk_fraction <= 1:
-            msg = f"topk_fraction must be in (0, 1], got {topk_fraction}"
-            raise ValueError(msg)
         if map_sigma < 0:
             msg = f"map_sigma must be >= 0, got {map_sigma}"
             raise ValueError(msg)
         self.variant = variant
         self.anomaly_map_mode = anomaly_map_mode
-        self.topk_fraction = topk_fraction
+        self.topk_fraction = check_topk_fraction(topk_fraction)
         self.autoencoder = ConvAutoencoder(
             in_channels=in_channels,
             image_size=image_size,
@@ -90,17 +72,47 @@ class ReconstructionModel(nn.Module):
             num_downsamples=num_downsamples,
             variational=variant == "vae",
         )
-        self.ssim = SSIMMap(ssim_window_size, ssim_sigma)
+        self.ssim = SSIMMap()  # the standard window, as the loss's
+        # replicate padding: valid for any map size. Residuals are speckled by noise and fine texture; blurring
+        # before scoring makes a defect (a connected region) stand out from isolated hot pixels
         self.smoothing = GaussianBlur(map_sigma, padding="replicate")
-        self.normalize_map = normalize_map
         # identity until fitted; the spread is floored by its own average over the image, so pixels where normal
         # images are always reconstructed perfectly (flat background) do not turn noise into huge scores
         self.map_stats = MapStandardizer(floor="mean", min_scale=1e-6, shape=(1, 1, *self.autoencoder.image_size))
+        # running sums of the training maps since the last ``fit`` (not state: only ``map_stats`` is kept)
+        self.map_moments = MapMoments()
 
     @torch.no_grad()
-    def fit_map_statistics(self, moments: MapMoments) -> None:
-        """Per-pixel mean and spread of normal images' raw maps (accumulated with ``raw_anomaly_map``)."""
+    def accumulate(self, images: torch.Tensor, output: AutoencoderOutput) -> None:
+        """Add one training batch's raw maps to the running sums.
+
+        The AE's training reconstruction is exactly its inference one (no dropout, GroupNorm), so it is reused;
+        the VAE decodes its mean code once more, as it does at inference.
+        """
+        reconstruction = output.reconstruction
+        if output.mu is not None:
+            reconstruction = self.autoencoder.decode(output.mu)
+        self.map_moments.add(self.raw_anomaly_map(images, reconstruction.detach()))
+
+    def reset_map_moments(self) -> None:
+        """Forget the maps accumulated since the last ``fit`` (a new epoch starts)."""
+        self.map_moments = MapMoments()
+
+    @torch.no_grad()
+    def fit(self, moments: MapMoments | None = None) -> bool:
+        """Per-pixel mean and spread of the training maps, then a fresh accumulation; ``False`` (and nothing
+        changes) with fewer than 2 maps.
+
+        Args:
+            moments: the sums to fit (the Lightning model passes them merged over DDP ranks); default: this
+                model's own ``map_moments``.
+        """
+        moments = self.map_moments if moments is None else moments
+        if moments.total < 2:
+            return False
         self.map_stats.fit(moments)
+        self.reset_map_moments()
+        return True
 
     def raw_anomaly_map(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) smoothed reconstruction error before per-pixel standardisation; >= 0."""
@@ -111,11 +123,8 @@ class ReconstructionModel(nn.Module):
         return self.smoothing(residual)
 
     def anomaly_map(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H, W) anomaly map: the smoothed error, standardised per pixel when ``normalize_map``."""
-        anomaly_map = self.raw_anomaly_map(images, reconstruction)
-        if self.normalize_map:
-            anomaly_map = self.map_stats(anomaly_map)
-        return anomaly_map
+        """(N, 1, H, W) anomaly map: the smoothed error, standardised per pixel (identity until ``fit``)."""
+        return self.map_stats(self.raw_anomaly_map(images, reconstruction))
 
     def forward(self, images: torch.Tensor) -> AutoencoderOutput | InferenceBatch:
         """Autoencoder output in training mode; ``InferenceBatch`` (score and map) in eval mode."""

@@ -4,10 +4,14 @@
 the student learns as normal and give the teacher's classifier a second normal class. Synthetic defects
 (anomalib's Perlin-noise generator and CutPaste) are the teacher's positive class. Everything works on RGB
 [0, 1] batches; the torch model normalises its inputs for the backbone itself.
+
+``Augmentation`` is the one config key that says how normals are varied (``augmentation: {color_jitter: 0}``);
+``NormalVariation`` is the module it builds.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import kornia.augmentation as K  # noqa: N812
@@ -16,6 +20,46 @@ from anomalib.data.utils.generators import PerlinAnomalyGenerator
 from torch import nn
 
 from anomalib_ext.models.components import CutPaste
+from anomalib_ext.models.components.settings import Settings
+
+# zoom range of the affine step (not a setting: the shift and rotation already cover pose)
+SCALE_RANGE = (0.95, 1.05)
+
+
+@dataclass(frozen=True)
+class Augmentation(Settings):
+    """How TeacherStudent varies normal images, and how much of the student's data is varied.
+
+    Args:
+        degrees: maximum rotation in degrees.
+        translate: maximum shift as a fraction of the image size.
+        hflip, vflip: allow mirror images (only for parts that look the same mirrored).
+        color_jitter: brightness and contrast jitter strength (saturation gets 0.7 of it, hue 0.1); 0 disables it.
+        histaugan_checkpoint: trained HistAuGAN generator (exported ``.pt`` or its Lightning ``.ckpt``); when
+            given, augmented samples are restyled by it.
+        histaugan_p: probability that an augmented sample is restyled by HistAuGAN.
+        student_fraction: fraction of each student batch replaced by augmented normals (0 = the student sees only
+            the plain training images).
+    """
+
+    degrees: float = 10.0
+    translate: float = 0.05
+    hflip: bool = False
+    vflip: bool = False
+    color_jitter: float = 0.15
+    histaugan_checkpoint: str | None = None
+    histaugan_p: float = 0.5
+    student_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("degrees", "translate", "color_jitter"):
+            if getattr(self, name) < 0:
+                msg = f"augmentation.{name} must be >= 0, got {getattr(self, name)}"
+                raise ValueError(msg)
+        for name in ("histaugan_p", "student_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                msg = f"augmentation.{name} must be in [0, 1], got {getattr(self, name)}"
+                raise ValueError(msg)
 
 
 def load_histaugan(checkpoint: str | Path, probability: float) -> nn.Module:
@@ -23,56 +67,42 @@ def load_histaugan(checkpoint: str | Path, probability: float) -> nn.Module:
     path = Path(checkpoint)
     if not path.is_file():
         msg = (
-            f"histaugan_checkpoint '{path}' does not exist "
+            f"augmentation.histaugan_checkpoint '{path}' does not exist "
             "(train one with `python -m anomalib_ext.augment.histaugan fit`)"
         )
         raise FileNotFoundError(msg)
     try:
         from anomalib_ext.augment.histaugan import HistAuGANAugment
     except ImportError as error:
-        msg = f"histaugan_checkpoint was given but anomalib_ext.augment.histaugan cannot be imported: {error}"
+        msg = f"augmentation.histaugan_checkpoint is set but anomalib_ext.augment.histaugan cannot be imported: {error}"
         raise ImportError(msg) from error
     return HistAuGANAugment(str(path), p=probability)
 
 
 class NormalVariation(nn.Module):
-    """Random geometric + photometric changes per sample, then optional HistAuGAN restyling.
+    """Random geometric + photometric changes per sample, then optional HistAuGAN restyling (``Augmentation``)."""
 
-    Args:
-        degrees: maximum rotation; ``translate``: maximum shift as a fraction of the size; ``scale``: zoom range.
-        hflip / vflip: allow mirror images (only for parts that look the same mirrored).
-        brightness / contrast / saturation / hue: colour-jitter strengths (0 disables one).
-        histaugan_checkpoint / histaugan_p: trained HistAuGAN generator and how often it restyles a sample.
-    """
-
-    def __init__(
-        self,
-        degrees: float = 10.0,
-        translate: float = 0.05,
-        scale: tuple[float, float] = (0.95, 1.05),
-        hflip: bool = False,
-        vflip: bool = False,
-        brightness: float = 0.15,
-        contrast: float = 0.15,
-        saturation: float = 0.1,
-        hue: float = 0.02,
-        histaugan_checkpoint: str | Path | None = None,
-        histaugan_p: float = 0.5,
-    ) -> None:
+    def __init__(self, settings: Augmentation) -> None:
         super().__init__()
         steps: list[nn.Module] = [
             K.RandomAffine(
-                degrees=degrees, translate=(translate, translate), scale=scale, padding_mode="reflection", p=1.0
+                degrees=settings.degrees,
+                translate=(settings.translate, settings.translate),
+                scale=SCALE_RANGE,
+                padding_mode="reflection",
+                p=1.0,
             )
         ]
-        if hflip:
+        if settings.hflip:
             steps.append(K.RandomHorizontalFlip())
-        if vflip:
+        if settings.vflip:
             steps.append(K.RandomVerticalFlip())
-        if max(brightness, contrast, saturation, hue) > 0:
-            steps.append(K.ColorJitter(brightness, contrast, saturation, hue, p=0.8))
+        jitter = settings.color_jitter
+        if jitter > 0:
+            steps.append(K.ColorJitter(jitter, jitter, jitter * 0.7, jitter * 0.1, p=0.8))
         self.pipeline = K.AugmentationSequential(*steps)
-        self.histaugan = load_histaugan(histaugan_checkpoint, histaugan_p) if histaugan_checkpoint else None
+        checkpoint = settings.histaugan_checkpoint
+        self.histaugan = load_histaugan(checkpoint, settings.histaugan_p) if checkpoint else None
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

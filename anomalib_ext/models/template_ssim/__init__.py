@@ -1,6 +1,6 @@
 """TemplateSsim: template matching + local SSIM, with per-class score normalisation."""
 
-from .lightning_model import TemplateSsim
+from .lightning_model import AnomalyMapSettings, LightingSettings, PoseSearchSettings, TemplateSsim
 from .torch_model import TemplateSsimModel
 
-__all__ = ["TemplateSsim", "TemplateSsimModel"]
+__all__ = ["AnomalyMapSettings", "LightingSettings", "PoseSearchSettings", "TemplateSsim", "TemplateSsimModel"]

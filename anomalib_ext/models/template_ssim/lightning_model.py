@@ -11,7 +11,7 @@ Where the class comes from: the path of each training image (``.../good/<class>/
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +33,7 @@ from anomalib_ext.models.components import (
     is_distributed,
 )
 from anomalib_ext.models.components.sampling import ReservoirSampler
+from anomalib_ext.models.components.settings import Settings
 
 from .torch_model import TemplateSsimModel
 
@@ -41,40 +42,86 @@ logger = logging.getLogger(__name__)
 # small rotations only: the dice classes 01/02, 03/04 and 07-10 are 90-degree rotations of each other, so a
 # search over quarter turns would let one class's template explain another's images.
 DEFAULT_ANGLES = (-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
+# share of each class's sample held out from its template for the score (and per-pixel) statistics
+CALIBRATION_FRACTION = 0.5
+# k-medoids templates when the training images carry no class folder (``num_templates: null``)
+CLASS_LESS_TEMPLATES = 3
+
+
+@dataclass(frozen=True)
+class PoseSearchSettings(Settings):
+    """The pose search (NCC over every template x angle x shift), at inference and when aligning training images.
+
+    Args:
+        angles: rotations searched, degrees (counter-clockwise). Add quarter turns (90, 180, 270) only when classes
+            are not rotations of each other.
+        max_shift: shifts searched, pixels (each direction) at the pre-processed size.
+        coarse_factor: downsampling of the exhaustive search pass (refined at full resolution).
+    """
+
+    angles: tuple[float, ...] = DEFAULT_ANGLES
+    max_shift: int = 10
+    coarse_factor: int = 4
+
+
+@dataclass(frozen=True)
+class AnomalyMapSettings(Settings):
+    """How an image is compared with its overlaid template.
+
+    Args:
+        ssim_window_size: Gaussian SSIM window, odd size in pixels.
+        ssim_sigma: sigma of that window.
+        smoothing_sigma: Gaussian smoothing of the map (0 = none).
+        residual: add the absolute intensity difference to the template as a second map channel (standardised on
+            its own with pixel statistics), averaged with 1 - SSIM.
+        pixel_statistics: standardise the map per pixel by the spread of held-out normal maps (in the template
+            frame) before the per-class score normalisation; uses half of the held-out images.
+    """
+
+    ssim_window_size: int = 7
+    ssim_sigma: float = 1.5
+    smoothing_sigma: float = 2.0
+    residual: bool = True
+    pixel_statistics: bool = True
+
+
+@dataclass(frozen=True)
+class LightingSettings(Settings):
+    """What keeps a change of lighting set-up from looking like an anomaly.
+
+    Args:
+        photometric: map each image's grey levels onto its overlaid template's (one gain and offset per image and
+            channel) before comparing.
+        illumination_sigma: remove the smooth part of the image-template difference (Gaussian sigma, pixels at the
+            pre-processed size; 0 = off) before comparing: shading and broad highlights, not thin marks. Only for
+            defects narrower than a few sigma (4 at 128 px suits the dice; it hurts the large defects of MVTec
+            bottle).
+        gain_trend: with ``photometric``, fit per class how the normal score moves with the photometric gain
+            (darker sessions are noisier after matching, so their normals score higher) and normalise by the score
+            expected at each image's lighting; the gain is clamped to the range the held-out normals cover.
+    """
+
+    photometric: bool = True
+    illumination_sigma: float = 0.0
+    gain_trend: bool = False
 
 
 class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
     """Template matching + SSIM anomaly detector (see README.md).
 
     Args:
-        angles: rotations searched at inference and when aligning training images, degrees. Add quarter
-            turns (90, 180, 270) only when classes are not rotations of each other.
-        max_shift: shifts searched, pixels (each direction) at the pre-processed size.
-        coarse_factor: downsampling of the exhaustive search pass (refined at full resolution).
-        num_templates: k-medoids templates when the training images carry no class folder.
-        templates_per_class: k-medoids templates inside each class (e.g. 2 for two lighting regimes); each
-            template then has its own score statistics.
+        pose_search: ``PoseSearchSettings`` or a mapping of its keys (``angles``, ``max_shift``, ``coarse_factor``).
         class_folders: read the class from ``.../good/<class>/`` in the image path; ``False`` = class-less.
-        max_images_per_class: reservoir cap per class (half builds the template, half calibrates).
-        calibration_fraction: share of each class's sample held out for score statistics.
-        ssim_window_size, ssim_sigma: Gaussian SSIM window (odd size in pixels, sigma).
-        map_sigma: Gaussian smoothing of the anomaly map.
-        topk_fraction: image score = mean of the top fraction of the (normalised) map.
-        pixel_statistics: standardise the map per pixel by the spread of held-out normal maps (in the template
-            frame) before the per-class score normalisation; uses half of the calibration images.
-        photometric: map each image's grey levels onto its overlaid template's (one gain and offset per image)
-            before comparing, so that lighting set-ups compare.
-        residual: add the absolute intensity difference to the template as a second map channel (standardised
-            on its own with pixel statistics), averaged with 1 - SSIM.
-        illumination_sigma: remove the smooth part of the image-template difference (Gaussian sigma, pixels at
-            the pre-processed size; 0 = off) before comparing: shading and broad highlights, not thin marks.
-            Only for defects narrower than a few sigma (4 at 128 px suits the dice; it hurts the large
-            defects of MVTec bottle).
-        gain_trend: with ``photometric``, fit per class how the normal score moves with the photometric gain
-            (darker sessions are noisier after matching, so their normals score higher) and normalise by the
-            score expected at each image's lighting; the gain is clamped to the range the held-out normals cover.
+        num_templates: k-medoids templates per class, each with its own score statistics (class-less data is one
+            class); ``None`` = 1 per class folder, 3 without class folders.
+        max_images_per_class: reservoir cap per class (half builds the template, half gives the statistics).
+        anomaly_map: ``AnomalyMapSettings`` or a mapping of its keys (``ssim_window_size``, ``ssim_sigma``,
+            ``smoothing_sigma``, ``residual``, ``pixel_statistics``).
+        lighting: ``LightingSettings`` or a mapping of its keys (``photometric``, ``illumination_sigma``,
+            ``gain_trend``).
+        topk_fraction: image score = mean of the top fraction of the (normalised) map, in (0, 1].
+        seed: seed of the reservoir sampling and of the template / held-out split.
         image_size: pre-processor resize, ``H`` or ``(H, W)``, when ``pre_processor`` is ``True`` (default 256).
-        seed: seed of the reservoir sampling and splits.
         check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
             bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: as in every anomalib model.
@@ -86,25 +133,15 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
 
     def __init__(
         self,
-        angles: Sequence[float] = DEFAULT_ANGLES,
-        max_shift: int = 10,
-        coarse_factor: int = 4,
-        num_templates: int = 3,
-        templates_per_class: int = 1,
+        pose_search: PoseSearchSettings = PoseSearchSettings(),  # noqa: B008  (frozen: a shared default is safe)
         class_folders: bool = True,
+        num_templates: int | None = None,
         max_images_per_class: int = 128,
-        calibration_fraction: float = 0.5,
-        ssim_window_size: int = 7,
-        ssim_sigma: float = 1.5,
-        map_sigma: float = 2.0,
+        anomaly_map: AnomalyMapSettings = AnomalyMapSettings(),  # noqa: B008
+        lighting: LightingSettings = LightingSettings(),  # noqa: B008
         topk_fraction: float = 0.002,
-        pixel_statistics: bool = True,
-        photometric: bool = True,
-        residual: bool = True,
-        illumination_sigma: float = 0.0,
-        gain_trend: bool = False,
-        image_size: ImageSize | None = None,
         seed: int = 0,
+        image_size: ImageSize | None = None,
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -112,35 +149,34 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         super().__init__(image_size, check_data, pre_processor, post_processor, evaluator, visualizer)
-        if num_templates < 1 or templates_per_class < 1:
-            msg = f"TemplateSsim: num_templates and templates_per_class must be >= 1, got {num_templates}, "
-            msg += f"{templates_per_class}"
+        if num_templates is not None and num_templates < 1:
+            msg = f"TemplateSsim: num_templates must be >= 1 (or null), got {num_templates}"
             raise ValueError(msg)
         if max_images_per_class < 2:
             msg = f"TemplateSsim: max_images_per_class must be >= 2, got {max_images_per_class}"
             raise ValueError(msg)
-        if not 0.0 <= calibration_fraction < 1.0:
-            msg = f"TemplateSsim: calibration_fraction must be in [0, 1), got {calibration_fraction}"
-            raise ValueError(msg)
+        search, comparison, light = (
+            PoseSearchSettings.coerce(pose_search),
+            AnomalyMapSettings.coerce(anomaly_map),
+            LightingSettings.coerce(lighting),
+        )
         self.num_templates = num_templates
-        self.templates_per_class = templates_per_class
         self.class_folders = class_folders
         self.max_images_per_class = max_images_per_class
-        self.calibration_fraction = calibration_fraction
         self.seed = seed
         self.model = TemplateSsimModel(
-            angles=list(angles),
-            max_shift=max_shift,
-            coarse_factor=coarse_factor,
-            ssim_window_size=ssim_window_size,
-            ssim_sigma=ssim_sigma,
-            map_sigma=map_sigma,
+            angles=list(search.angles),
+            max_shift=search.max_shift,
+            coarse_factor=search.coarse_factor,
+            ssim_window_size=comparison.ssim_window_size,
+            ssim_sigma=comparison.ssim_sigma,
+            map_sigma=comparison.smoothing_sigma,
+            residual=comparison.residual,
+            pixel_statistics=comparison.pixel_statistics,
+            photometric=light.photometric,
+            illumination_sigma=light.illumination_sigma,
+            gain_trend=light.gain_trend,
             topk_fraction=topk_fraction,
-            pixel_statistics=pixel_statistics,
-            photometric=photometric,
-            residual=residual,
-            illumination_sigma=illumination_sigma,
-            gain_trend=gain_trend,
         )
         self.class_names: list[str] = []
         self._reservoir: dict[str, ReservoirSampler] = {}
@@ -203,11 +239,11 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         for name in named:
             images = self._reservoir[name].samples().float().div(255).to(self.device)
             order = torch.randperm(len(images), generator=generator).to(self.device)
-            held = round(len(images) * self.calibration_fraction) if len(images) >= 4 else 0
+            held = round(len(images) * CALIBRATION_FRACTION) if len(images) >= 4 else 0
             calibration_sets.append(images[order[:held]])
             template_sets.append(images[order[held:]])
         class_less = named == [""]
-        per_entry = self.num_templates if class_less else self.templates_per_class
+        per_entry = self.num_templates or (CLASS_LESS_TEMPLATES if class_less else 1)
         template_source = self.model.fit(template_sets, calibration_sets, num_templates=per_entry)
         # one name per statistics group (a class, or a template when an entry has several)
         if class_less:
@@ -240,13 +276,3 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
     def set_extra_state(self, state: Any) -> None:  # noqa: ANN401
         if isinstance(state, dict):
             self.class_names = list(state.get("class_names", []))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["template_ssim_class_names"] = list(self.class_names)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.class_names = list(checkpoint.get("template_ssim_class_names", []))
-        # checkpoints from before 0.3.0 have no ``_extra_state`` entry: add it so a strict load accepts them
-        state_dict = checkpoint.get("state_dict")
-        if isinstance(state_dict, dict) and "_extra_state" not in state_dict:
-            state_dict["_extra_state"] = {"class_names": self.class_names}

@@ -25,6 +25,7 @@ from anomalib_ext.models.components import (
     weighted_theil_sen_slope,
 )
 from anomalib_ext.models.components.alignment import NccPoseSearch, to_image_frame, to_reference_frame
+from anomalib_ext.models.components.stats import check_topk_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -36,36 +37,38 @@ class _ResizableSearch(DynamicBufferMixin, NccPoseSearch):
     """Pose search whose reference buffers take the checkpoint's shape on load."""
 
 
+def match_photometry(
+    images: torch.Tensor, template: torch.Tensor, max_gain: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images with their grey levels mapped onto the template's, ``(image - offset) / gain``, and the gain (N, C, 1, 1).
+
+    ``image ~= gain * template + offset`` by least squares over each image and channel (a lighting change is close
+    to such a global map; an anomaly covers too few pixels to move it much). The gain is clamped to
+    ``[1 / max_gain, max_gain]`` so that a flat template cannot blow the image up.
+    """
+    image_mean = images.mean(dim=(-2, -1), keepdim=True)
+    template_mean = template.mean(dim=(-2, -1), keepdim=True)
+    centred_template = template - template_mean
+    covariance = ((images - image_mean) * centred_template).mean(dim=(-2, -1), keepdim=True)
+    variance = (centred_template * centred_template).mean(dim=(-2, -1), keepdim=True)
+    gain = (covariance / (variance + 1e-6)).clamp(1.0 / max_gain, max_gain)
+    offset = image_mean - gain * template_mean
+    return (images - offset) / gain, gain
+
+
 class TemplateSsimModel(DynamicBufferMixin, nn.Module):
     """Match each image to its best template and pose; map = smoothed 1 - local SSIM, normalised per class.
 
-    The arguments without a default are ``TemplateSsim``'s (documented there, with their defaults).
+    The arguments without a default are ``TemplateSsim``'s, its settings groups flattened (documented there and in
+    ``PoseSearchSettings``, ``AnomalyMapSettings`` and ``LightingSettings``, with their defaults); ``map_sigma`` is
+    ``AnomalyMapSettings.smoothing_sigma``. The others:
 
     Args:
-        angles: rotations searched, degrees (fixed grid).
-        max_shift: shifts searched, pixels in each direction.
-        coarse_factor: downsampling of the exhaustive search pass.
-        ssim_window_size, ssim_sigma: Gaussian SSIM window.
-        map_sigma: Gaussian smoothing of the map (0 = none).
-        topk_fraction: image score = mean of this fraction of the highest map pixels.
         alignment_iterations: align-and-average rounds when building a template.
         min_calibration: classes with fewer held-out normals borrow the pooled statistics.
         grayscale: compare in grey levels (1-channel templates, inputs averaged over channels). ``None`` =
             decide at fit time: grey when every training image has identical channels (3x cheaper SSIM).
-        pixel_statistics: standardise the map per pixel (template frame) with half of the held-out normals;
-            the other half then gives the per-class score statistics.
-        photometric: before comparing, map the image's grey levels onto the overlaid template's by one gain and
-            offset per image and channel (least squares over the image), so lighting set-ups compare.
-        residual: add a second map channel, the absolute intensity difference to the template (after the
-            photometric matching); with pixel statistics each channel is standardised on its own, then the
-            channels are averaged.
-        illumination_sigma: > 0 removes the smooth part of the image-template difference (Gaussian of this
-            sigma, pixels) before comparing: shading and broad highlights go, marks narrower than that stay.
         max_gain: bound of the photometric gain (and of its inverse).
-        gain_trend: with ``photometric``, let each class's typical normal score follow the image's photometric
-            gain (a robust straight line fitted on held-out normals, gain clamped to the range they cover): a
-            darker lighting session is noisier once mapped onto the template, so its normals score higher
-            everywhere; the trend takes that lighting effect out of the per-class normalisation.
     """
 
     _GAIN_BUFFERS = ("gain_reference", "gain_slope", "gain_low", "gain_high")
@@ -91,13 +94,10 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         max_gain: float = 2.0,
     ) -> None:
         super().__init__()
-        if not 0 < topk_fraction <= 1:
-            msg = f"topk_fraction must be in (0, 1], got {topk_fraction}"
-            raise ValueError(msg)
         self.angle_grid = [float(a) for a in angles]
         self.max_shift = max_shift
         self.coarse_factor = coarse_factor
-        self.topk_fraction = topk_fraction
+        self.topk_fraction = check_topk_fraction(topk_fraction)
         self.alignment_iterations = alignment_iterations
         self.min_calibration = min_calibration
         self.grayscale = grayscale
@@ -147,40 +147,16 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             return images.mean(dim=1, keepdim=True)
         return images
 
-    def raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map before per-class normalisation (N, 1, H, W) and chosen template index (N,).
+    def _maps_pose_gain(self, images: torch.Tensor):
+        """Channel-averaged map (N, 1, H, W) before the per-class normalisation, template index (N,), pose and
+        photometric gain (N,) (ones without ``photometric``).
 
-        With pixel statistics, the map is standardised per pixel by the spread normal images show there (in
-        the template's frame, warped along with the template), so places that vary in normal images (rims,
+        With pixel statistics, the map is standardised per pixel by the spread normal images show there (in the
+        template's frame, warped along with the template), so places that vary in normal images (rims,
         highlights) count less than places that never do.
         """
-        anomaly_map, template_index, _, _ = self._maps_pose_gain(images)
-        return anomaly_map, template_index
-
-    def _maps_pose_gain(self, images: torch.Tensor):
-        """Channel-averaged map, template index, pose and photometric gain (N,) (ones without ``photometric``)."""
         maps, template_index, pose, gain = self._channel_maps(images)
         return maps.mean(dim=1, keepdim=True), template_index, pose, gain
-
-    def match_photometry(self, images: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-        """Images with their grey levels mapped onto the template's: ``(image - offset) / gain``."""
-        return self._match_photometry(images, template)[0]
-
-    def _match_photometry(self, images: torch.Tensor, template: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Matched images and the gain (N, C, 1, 1).
-
-        ``image ~= gain * template + offset`` by least squares over each image and channel (a lighting change is
-        close to such a global map; an anomaly covers too few pixels to move it much). The gain is clamped to
-        ``[1 / max_gain, max_gain]`` so that a flat template cannot blow the image up.
-        """
-        image_mean = images.mean(dim=(-2, -1), keepdim=True)
-        template_mean = template.mean(dim=(-2, -1), keepdim=True)
-        centred_template = template - template_mean
-        covariance = ((images - image_mean) * centred_template).mean(dim=(-2, -1), keepdim=True)
-        variance = (centred_template * centred_template).mean(dim=(-2, -1), keepdim=True)
-        gain = (covariance / (variance + 1e-6)).clamp(1.0 / self.max_gain, self.max_gain)
-        offset = image_mean - gain * template_mean
-        return (images - offset) / gain, gain
 
     def _channel_maps(self, images: torch.Tensor, use_pixel_stats: bool = True):
         """Map channels (N, M, H, W) (1 - SSIM, optionally the intensity residual), template index, pose, gain."""
@@ -195,7 +171,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         template = overlay[:, :channels]
         gain = images.new_ones(images.shape[0])
         if self.photometric:
-            images, channel_gain = self._match_photometry(images, template)
+            images, channel_gain = match_photometry(images, template, self.max_gain)
             gain = channel_gain.mean(dim=(1, 2, 3))
         if self.illumination.radius:  # remove the smooth part of the difference (highlights, shading)
             images = images - self.illumination(images - template)
@@ -321,11 +297,11 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         if not held_out:
             logger.warning("TemplateSsim: no held-out normals; normalising with the template images' own scores")
             held_out = template_images
-        self.calibrate(held_out)
+        self._calibrate(held_out)
         return template_source
 
     @torch.no_grad()
-    def calibrate(self, held_out: list[torch.Tensor]) -> None:
+    def _calibrate(self, held_out: list[torch.Tensor]) -> None:
         """Per-pixel (optional) and per-class statistics from held-out normals, scored as at inference."""
         num_classes = int(self.template_class.max()) + 1
         self.class_center = torch.zeros(num_classes, device=self.templates.device)

@@ -3,9 +3,10 @@
 fastdup is non-commercial software (Visual Layer's licence) and pins numpy<2 / Pillow==10.3.0; it runs with
 this stack when installed with ``pip install --no-deps fastdup==2.54 requests pillow_heif sentry-sdk``. It is
 imported only here, only when ``backend: fastdup`` is asked for, with ``SENTRY_OPT_OUT=1`` set first so it
-sends no telemetry. fastdup works on image files, so tiles are written as PNG files to a work directory and its
-feature extractor (``run_mode=1``) embeds them; nearest normal neighbours are then found by the same cosine
-scoring as the torch backend (fastdup's own default distance is cosine too).
+sends no telemetry. fastdup works on image files, so tiles are written as PNG files to a temporary directory
+(under ``$TMPDIR``, removed after each batch) and its feature extractor (``run_mode=1``) embeds them; nearest
+normal neighbours are then found by the same cosine scoring as the torch backend (fastdup's own default distance
+is cosine too).
 """
 
 from __future__ import annotations
@@ -58,11 +59,9 @@ def fastdup_embed_files(paths: list[Path], work_dir: Path, num_threads: int = -1
 class FastdupTileEmbedder:
     """Cut images into the grid's tiles, write them as PNG, embed them with fastdup."""
 
-    def __init__(self, grid: TileGrid, work_dir: str | Path | None = None) -> None:
+    def __init__(self, grid: TileGrid) -> None:
         import_fastdup()  # fail at construction, not in the middle of training
         self.grid = grid
-        self.work_dir = Path(work_dir) if work_dir else None
-        self._calls = 0
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` images in [0, 1] -> ``(B, rows, cols, 576)`` unit-norm tile embeddings."""
@@ -70,7 +69,7 @@ class FastdupTileEmbedder:
 
         rows, cols = self.grid.shape
         pixels = (images.detach().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-        base = Path(tempfile.mkdtemp(prefix="tile_outlier_fastdup_", dir=self.work_dir))
+        base = Path(tempfile.mkdtemp(prefix="tile_outlier_fastdup_"))  # $TMPDIR; removed below
         try:
             tile_dir = base / "tiles"
             tile_dir.mkdir()

@@ -1,14 +1,16 @@
 """TileOutlier: segment-level anomaly detection by tile outliers (fastdup-style nearest-neighbour scores).
 
 Fit-only, like PatchCore: one pass over the normal training images collects tile embeddings into a capped
-reservoir, then a k-center coreset of them becomes the memory bank. ``backend="fastdup"`` embeds tiles with
-fastdup's bundled model instead (optional, non-commercial licence, not exportable).
+reservoir, then the torch model's ``fit`` turns a k-center coreset of them into the memory bank.
+``backend="fastdup"`` embeds tiles with fastdup's bundled model instead (optional, non-commercial licence, not
+exportable).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -31,6 +33,7 @@ from anomalib_ext.models.components import (
     image_metrics_evaluator,
 )
 from anomalib_ext.models.components.sampling import ReservoirSampler
+from anomalib_ext.models.components.settings import Settings
 
 from .torch_model import TileOutlierModel
 
@@ -41,29 +44,72 @@ Backend = Literal["torch", "fastdup"]
 INPUT_NORMALIZATION: InputNormalization = "backbone"
 
 
+@dataclass(frozen=True)
+class TilingSettings(Settings):
+    """The tile grid (fixed by ``image_size``) and how each tile is embedded. Give ``num_parts`` or ``tile_size``.
+
+    Args:
+        num_parts: ``N`` for an ``N x N`` grid of non-overlapping tiles (the origin's segments); set ``tile_size``
+            and ``stride`` to ``null`` with it.
+        tile_size: side of square tiles, pixels at the pre-processed size.
+        stride: step between tiles (``tile_size`` when ``null``); ``stride < tile_size`` overlaps tiles, which
+            sharpens the map.
+        embed: ``pool`` (backbone once per image, features averaged over each tile) or ``crop`` (each tile
+            resampled to ``crop_size`` and embedded on its own).
+        crop_size: crop side for ``embed: crop`` (``null``: the largest tile side).
+    """
+
+    num_parts: int | None = None
+    tile_size: int | None = 32
+    stride: int | None = 8
+    embed: Literal["pool", "crop"] = "pool"
+    crop_size: int | None = None
+
+
+@dataclass(frozen=True)
+class SearchSettings(Settings):
+    """Which bank tiles a tile is compared with, and how many make its score.
+
+    Args:
+        position_aware: compare a tile only with bank tiles at the same or neighbouring grid positions.
+        neighborhood: radius, in grid positions, of those neighbouring positions.
+        num_neighbors: ``k`` nearest bank tiles averaged in the score ``1 - cosine similarity``.
+    """
+
+    position_aware: bool = True
+    neighborhood: int = 1
+    num_neighbors: int = 1
+
+
+@dataclass(frozen=True)
+class MemoryBankSettings(Settings):
+    """Caps that keep fit memory and search cost bounded whatever the training set's size.
+
+    Args:
+        max_tiles: cap on the bank's tiles (over all positions), reached with a greedy k-center coreset.
+        max_fit_tiles: cap on the tile embeddings kept while fitting (a uniform reservoir over images).
+    """
+
+    max_tiles: int = 13_456
+    max_fit_tiles: int = 400_000
+
+
 class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
     """Tile-outlier anomaly detection.
 
     Args:
         image_size: input size after the default pre-processor; fixes the tile grid (and the export size).
-        num_parts: ``N`` for an ``N x N`` grid of non-overlapping tiles (the origin's segments).
-        tile_size, stride: square tiles of ``tile_size`` every ``stride`` pixels (used when ``num_parts`` is
-            not given). ``stride < tile_size`` overlaps tiles, which sharpens the map.
-        embed: ``pool`` (backbone once per image, features averaged over each tile) or ``crop`` (each tile
-            resampled to ``crop_size`` and embedded on its own).
+        tiling: ``TilingSettings`` or a mapping of its keys (``num_parts``, ``tile_size``, ``stride``, ``embed``,
+            ``crop_size``).
         backbone, layers, pre_trained: the offline timm backbone and the layers of the tile embedding.
         input_normalization: how the torch model standardises the [0, 1] images for the backbone: ``backbone``
             (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``) or ``imagenet``.
-        crop_size: crop side for ``embed: crop`` (default: the largest tile side).
-        position_aware: compare a tile only with bank tiles at the same or neighbouring grid positions.
-        neighborhood: radius of those neighbouring positions.
-        num_neighbors: ``k`` nearest bank tiles averaged in the score ``1 - cosine similarity``.
-        max_bank_size: cap on the bank's tiles, reached with a greedy k-center coreset.
-        max_fit_tiles: cap on the tile embeddings kept while fitting (a uniform reservoir over images), so fit
-            memory stops growing with the training set.
-        map_sigma: Gaussian smoothing of the painted map in pixels.
-        backend: ``torch`` (exportable) or ``fastdup`` (fastdup's model embeds the tiles; optional extra).
-        fastdup_work_dir: where the fastdup backend writes tiles (default: a temporary directory).
+        search: ``SearchSettings`` or a mapping of its keys (``position_aware``, ``neighborhood``,
+            ``num_neighbors``).
+        memory_bank: ``MemoryBankSettings`` or a mapping of its keys (``max_tiles``, ``max_fit_tiles``).
+        map_sigma: Gaussian smoothing of the painted map in pixels (0 = none).
+        backend: ``torch`` (exportable) or ``fastdup`` (fastdup's model embeds the tiles, through PNG files in a
+            temporary directory; optional extra).
         check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
             bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
@@ -76,23 +122,15 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
     def __init__(
         self,
         image_size: ImageSize = 256,
-        num_parts: int | None = None,
-        tile_size: int | None = 32,
-        stride: int | None = 8,
-        embed: Literal["pool", "crop"] = "pool",
+        tiling: TilingSettings = TilingSettings(),  # noqa: B008  (frozen: a shared default is safe)
         backbone: str = DEFAULT_BACKBONE,
         layers: Sequence[str] = DEFAULT_LAYERS,
         input_normalization: InputNormalization = INPUT_NORMALIZATION,
         pre_trained: bool = True,
-        crop_size: int | None = None,
-        position_aware: bool = True,
-        neighborhood: int = 1,
-        num_neighbors: int = 1,
-        max_bank_size: int = 13_456,
-        max_fit_tiles: int = 400_000,
+        search: SearchSettings = SearchSettings(),  # noqa: B008
+        memory_bank: MemoryBankSettings = MemoryBankSettings(),  # noqa: B008
         map_sigma: float = 4.0,
         backend: Backend = "torch",
-        fastdup_work_dir: str | None = None,
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -102,36 +140,41 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         if backend not in ("torch", "fastdup"):
             msg = f"backend must be 'torch' or 'fastdup', got '{backend}'"
             raise ValueError(msg)
-        if not isinstance(max_fit_tiles, int) or max_fit_tiles <= 0:
-            msg = f"max_fit_tiles must be a positive integer, got {max_fit_tiles!r}"
+        grid, neighbours, bank = (
+            TilingSettings.coerce(tiling),
+            SearchSettings.coerce(search),
+            MemoryBankSettings.coerce(memory_bank),
+        )
+        if not isinstance(bank.max_fit_tiles, int) or bank.max_fit_tiles <= 0:
+            msg = f"max_fit_tiles must be a positive integer, got {bank.max_fit_tiles!r}"
             raise ValueError(msg)
         super().__init__(image_size, check_data, pre_processor, post_processor, evaluator, visualizer)
         self.backend = backend
         self.model: TileOutlierModel = TileOutlierModel(
             image_size=self.image_size,
-            num_parts=num_parts,
-            tile_size=tile_size,
-            stride=stride,
-            embed=embed,
+            num_parts=grid.num_parts,
+            tile_size=grid.tile_size,
+            stride=grid.stride,
+            embed=grid.embed,
             backbone=backbone,
             layers=layers,
             input_normalization=input_normalization,
             # the fastdup backend only borrows the grid, bank and scoring: no backbone weights needed
             pre_trained=pre_trained and backend == "torch",
-            crop_size=crop_size,
-            position_aware=position_aware,
-            neighborhood=neighborhood,
-            num_neighbors=num_neighbors,
-            max_bank_size=max_bank_size,
+            crop_size=grid.crop_size,
+            position_aware=neighbours.position_aware,
+            neighborhood=neighbours.neighborhood,
+            num_neighbors=neighbours.num_neighbors,
+            max_bank_size=bank.max_tiles,
             map_sigma=map_sigma,
         )
-        self.max_fit_tiles = max_fit_tiles
+        self.max_fit_tiles = bank.max_fit_tiles
         self._reservoir = self._new_reservoir()
         self._fastdup = None
         if backend == "fastdup":
             from .fastdup_backend import FastdupTileEmbedder  # optional extra: imported only when asked for
 
-            self._fastdup = FastdupTileEmbedder(self.model.grid, work_dir=fastdup_work_dir)
+            self._fastdup = FastdupTileEmbedder(self.model.grid)
             self.model.external_embedder = self._fastdup.embed  # the pre-processor leaves images in [0, 1]
 
     def _new_reservoir(self) -> ReservoirSampler:
@@ -158,9 +201,6 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         return LearningType.ONE_CLASS
 
     # ------------------------------------------------------------------------------------------- training
-    def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(images)
-
     def on_train_epoch_start(self) -> None:
         """Each epoch sees the same images: collect them once per epoch."""
         self._reservoir = self._new_reservoir()
@@ -169,11 +209,11 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         """Collect the tile embeddings of normal images into the capped reservoir."""
         del args, kwargs
         with torch.no_grad():  # ids: DDP's padding repeats of an image count once when the ranks merge
-            self._reservoir.add(self._embed(batch.image).cpu(), ids=batch.image_path)
+            self._reservoir.add(self.model.embed(batch.image).cpu(), ids=batch.image_path)
         return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
 
     def fit(self) -> None:
-        """k-center coreset of the collected tiles becomes the memory bank.
+        """The torch model's bank from the collected tiles of every rank (called by ``MemoryBankMixin``).
 
         Under DDP every rank first merges all ranks' reservoirs (the one a single process would have filled, capped
         for the whole training set), then runs the same deterministic coreset: every rank holds the whole bank.
@@ -182,7 +222,8 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         assert merged is not None  # the local reservoir is never None
         embeddings = merged.samples()
         logger.info("TileOutlier: fitting the bank on %d images x %d tiles", len(embeddings), self.model.grid.num_tiles)
-        self.model.fit_bank(embeddings.to(self.device))
+        self.model.fit(embeddings.to(self.device))
+        logger.info("TileOutlier: the bank holds %d tiles", self.model.bank_tiles)
         self._reservoir = self._new_reservoir()
 
     # ------------------------------------------------------------------------------------------ inference

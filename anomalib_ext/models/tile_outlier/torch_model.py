@@ -64,23 +64,11 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
     """Embed every tile, score it by ``1 - cosine`` similarity to its nearest normal tiles.
 
     Takes raw [0, 1] images; the backbone's input normalisation happens inside. The arguments without a default
-    are ``TileOutlier``'s (documented there, with their defaults).
+    are ``TileOutlier``'s, its settings groups flattened (documented there and in ``TilingSettings``,
+    ``SearchSettings`` and ``MemoryBankSettings``, with their defaults); ``image_size`` is the ``(H, W)`` pair and
+    ``max_bank_size`` is ``MemoryBankSettings.max_tiles``. The other:
 
     Args:
-        image_size: ``(H, W)`` of the (pre-processed) input; fixes the tile geometry.
-        num_parts: ``N`` for an ``N x N`` grid of non-overlapping tiles.
-        tile_size: side of square tiles (instead of ``num_parts``).
-        stride: step between tiles; ``< tile_size`` overlaps them. Defaults to ``tile_size``.
-        embed: ``"pool"`` runs the backbone once and averages its feature maps over each tile;
-            ``"crop"`` resamples each tile to ``crop_size`` and embeds it on its own.
-        backbone: timm backbone name; layers: its feature layers used for the embedding.
-        input_normalization: ``backbone`` (the backbone's pretrained statistics) or ``imagenet``.
-        crop_size: side of the resampled crops in ``embed="crop"`` (defaults to the largest tile side).
-        position_aware: compare a tile only with bank tiles at grid positions within ``neighborhood``.
-        neighborhood: radius, in grid positions, of the neighbours a position-aware tile is compared with.
-        num_neighbors: ``k``: the score is ``1 -`` the mean similarity of the ``k`` nearest bank tiles.
-        max_bank_size: cap on the number of bank tiles (over all positions), reached by a k-center coreset.
-        map_sigma: Gaussian smoothing of the painted map, in pixels (0 disables it).
         tile_chunk: tiles processed at once when scoring or cropping, bounding memory.
     """
 
@@ -265,7 +253,7 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
 
     # ---------------------------------------------------------------------------------------------- fitting
     @torch.no_grad()
-    def fit_bank(self, embeddings: torch.Tensor) -> None:
+    def fit(self, embeddings: torch.Tensor) -> None:
         """Build the capped bank from ``(N, rows, cols, D)`` normal tile embeddings."""
         if embeddings.ndim != 4 or tuple(embeddings.shape[1:3]) != self.grid.shape:
             rows, cols = self.grid.shape

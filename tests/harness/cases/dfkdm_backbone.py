@@ -5,7 +5,7 @@ from tests.harness.case import ModelCase
 
 
 def _build() -> Dfkdm:
-    return Dfkdm(feature_source="backbone", image_size=128)  # density gaussian, n_components 0.97, residual
+    return Dfkdm(image_size=128)  # density gaussian, n_components 0.97, residual
 
 
 CASE = ModelCase(name="dfkdm_backbone", build=_build, image_size=128, max_epochs=1)

@@ -1,20 +1,17 @@
-"""Dfkdm in LAKE mode: an autoencoder trained in the same run, KDE on latent + reconstruction errors."""
+"""DfkdmLake: an autoencoder trained in the same run, KDE on latent + reconstruction errors."""
 
-from anomalib_ext.models import Dfkdm
+from anomalib_ext.models import DfkdmLake
 from tests.harness.case import ModelCase
 
 
-def _build() -> Dfkdm:
-    return Dfkdm(
-        feature_source="autoencoder",
+def _build() -> DfkdmLake:
+    return DfkdmLake(
         image_size=64,
         latent_dim=8,
         base_channels=16,
         num_downsamples=3,
         learning_rate=3e-3,
-        n_components=0,  # tiny data: PCA would drop informative latent directions
-        density="kde",
-        bandwidth="loo",
+        density={"kind": "kde", "bandwidth": "loo", "n_components": 0},  # tiny data: PCA would drop latent directions
     )
 
 

@@ -6,7 +6,10 @@ from tests.harness.case import ModelCase
 
 def _build() -> TemplateSsim:
     return TemplateSsim(
-        image_size=(128, 128), num_templates=2, max_shift=8, angles=(-4.0, -2.0, 0.0, 2.0, 4.0), gain_trend=True
+        image_size=(128, 128),
+        num_templates=2,
+        pose_search={"max_shift": 8, "angles": (-4.0, -2.0, 0.0, 2.0, 4.0)},
+        lighting={"gain_trend": True},
     )
 
 

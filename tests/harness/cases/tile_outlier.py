@@ -5,7 +5,7 @@ from tests.harness.case import ModelCase
 
 
 def _build() -> TileOutlier:
-    return TileOutlier(image_size=128, tile_size=16, stride=8, max_bank_size=20_000)
+    return TileOutlier(image_size=128, tiling={"tile_size": 16, "stride": 8}, memory_bank={"max_tiles": 20_000})
 
 
 CASE = ModelCase(name="tile_outlier", build=_build, image_size=128, max_epochs=1)

@@ -15,10 +15,11 @@ training pool, never on a test image: it sees dark images, for their style, whic
 do. A plant has such images when a new camera or lamp arrives; the study asks whether their style alone, carried
 onto the bright normals, is worth as much as training on them.
 
-How an augmentation reaches a model: a model with its own (``color_jitter`` and ``histaugan_checkpoint``
-arguments, TeacherStudent) gets them set (jitter 0 in ``@all``, ``@bright``, ``@bright+histaugan``); any other
-model (a fit-only one) gets its normal set extended: the training split repeated ``VIEWS`` times, each view
-through the augmentation with probability 0.5, and the plain arms keep one view.
+How an augmentation reaches a model: a model with its own (an ``augmentation`` argument with ``color_jitter`` and
+``histaugan_checkpoint`` fields, TeacherStudent) gets them set (jitter 0 in ``@all``, ``@bright``,
+``@bright+histaugan``); any other model (a fit-only one) gets its normal set extended: the training split
+repeated ``VIEWS`` times, each view through the augmentation with probability 0.5, and the plain arms keep one
+view.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from benchmarking.builders import import_class
 from benchmarking.specs import CONFIG_ROOT
 
 BRIGHT_SESSIONS = ("25_10_21", "26_01_22")
 ARMS = ("all", "bright", "bright+jitter", "bright+histaugan")
 VIEWS = 4  # training views of each normal in the fit-only arms with an augmentation
 AUGMENT_P = 0.5  # share of those views (and of TeacherStudent's HistAuGAN samples) that are re-rendered
-JITTER = 0.15  # brightness and contrast jitter: TeacherStudent's default ``color_jitter``
+JITTER = 0.15  # brightness and contrast jitter: TeacherStudent's default ``augmentation.color_jitter``
 HISTAUGAN_CONFIG = CONFIG_ROOT / "histaugan" / "dice.yaml"  # the shipped dice generator: sessions as domains
 METRICS = ("image_auroc", "image_f1", "pixel_auroc")
 MIN_GAP = 0.002  # an AUROC gap below this is no gap (the spread of repeated fits is larger)
@@ -143,15 +145,16 @@ def model_for_cell(model_spec: dict[str, Any]) -> dict[str, Any]:
     """The arm's augmentation as the model's own options when it has them (TeacherStudent), else as views."""
     if "lighting_augmentation" not in model_spec:
         return model_spec
-    from benchmarking.cell import import_class
-
     augmentation = model_spec["lighting_augmentation"]
     parameters = inspect.signature(import_class(model_spec["class_path"]).__init__).parameters
     spec = {**model_spec, "init_args": dict(model_spec.get("init_args") or {})}
-    if {"color_jitter", "histaugan_checkpoint"} <= parameters.keys():
-        spec["init_args"]["color_jitter"] = JITTER if augmentation == "jitter" else 0.0
-        spec["init_args"]["histaugan_checkpoint"] = spec["histaugan_checkpoint"]
-        spec["init_args"]["histaugan_p"] = AUGMENT_P
+    if "augmentation" in parameters:  # TeacherStudent's ``Augmentation`` (a mapping of its fields here)
+        spec["init_args"]["augmentation"] = {
+            **(spec["init_args"].get("augmentation") or {}),
+            "color_jitter": JITTER if augmentation == "jitter" else 0.0,
+            "histaugan_checkpoint": spec["histaugan_checkpoint"],
+            "histaugan_p": AUGMENT_P,
+        }
         spec["lighting_augmentation"] = None  # the model varies its normals itself
     elif augmentation:
         spec["train_views"] = VIEWS

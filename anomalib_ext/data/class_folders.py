@@ -1,7 +1,8 @@
 """Classes of normal images from their folders: ``.../good/<class>/<name>`` belongs to ``<class>``.
 
 anomalib's batches carry no class field, so models that keep per-class statistics (TemplateSsim) read the class
-from the image path; the Dice datamodule lays its data out the same way.
+from the image path. The layout is the data's (the Dice datamodule lays its data out this way), so it lives
+here and the models import it from data, never the other way round.
 """
 
 from __future__ import annotations
