@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from anomalib_ext.models.components.quantization import module_pattern
-from tests.harness.configs import build_from_config, config_id, model_configs
+from tests.harness.configs import build_from_config, config_id, model_configs, model_section
 
 
 # -------------------------------------------------------------------------------------- the recipe itself
@@ -58,15 +60,18 @@ def _layers_run_by_inference(model: torch.nn.Module) -> list[str]:
 
 
 @pytest.mark.parametrize("config", model_configs(), ids=config_id)
-def test_int8_recipe_quantises_the_networks_inference_runs_and_nothing_else(config: Path) -> None:
+def test_int8_recipe_quantises_the_networks_inference_runs_and_nothing_else(config: Path, tmp_path: Path) -> None:
     """From each shipped config: every convolution or linear layer the model's inference runs lies inside a module
     the model declares for INT8 (TemplateSsim runs none and declares none), a declared module is a real submodule,
     and never the whole torch model (its scoring stays in float). Training-only networks (TeacherStudent's
     synthetic-anomaly classifier) need not be declared."""
-    try:
-        model = build_from_config(config)
-    except FileNotFoundError as error:  # single_template points at the user's own image
-        pytest.skip(f"{config_id(config)} needs a file of the user's: {error}")
+    overrides = {}
+    single_template = model_section(config).get("init_args", {}).get("single_template")
+    if single_template:  # it points at the user's own image: give it one
+        template = tmp_path / "good.png"
+        Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(template)
+        overrides["single_template"] = {**single_template, "path": str(template)}
+    model = build_from_config(config, **overrides)
     ran = sorted(set(_layers_run_by_inference(model)))
     declared = model.quantized_modules()
     for module in declared:
