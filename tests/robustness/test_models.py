@@ -39,6 +39,15 @@ def _fit_and_predict(case: ModelCase, data_root: Path, category: str, workdir: P
     return model, run, metrics, predictions, data
 
 
+def _torch_and_openvino(model, xml: Path, paths: list[Path], image_size: int):  # noqa: ANN001, ANN202
+    """The torch model's raw outputs on the images, and the OpenVINO export's predictions, one image at a time."""
+    from anomalib.deploy import OpenVINOInferencer
+
+    images = load_images(paths, image_size)
+    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=OPENVINO_F32)
+    return raw_outputs(model, images), [inferencer.predict(images[index].numpy()) for index in range(len(paths))]
+
+
 @pytest.fixture(scope="module")
 def constant_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_constant_dataset(tmp_path_factory.mktemp("constant"))
@@ -104,7 +113,6 @@ def _real_images(real_data: Path) -> list[Path]:
 def test_openvino_raw_scores_and_maps_match_torch_on_real_images(seeded_run, real_data: Path, tmp_path: Path) -> None:
     """Raw scores and maps of the f32 export vs torch on real bottle and dice images (unclamped, so every image
     counts): within 1e-3 relative to their magnitude."""
-    from anomalib.deploy import OpenVINOInferencer
 
     case, (model, run, _, _, _) = seeded_run
     if not case.exportable:
@@ -112,11 +120,8 @@ def test_openvino_raw_scores_and_maps_match_torch_on_real_images(seeded_run, rea
     xml = export_raw_openvino(model, run, case, tmp_path / "export")
     paths = _real_images(real_data)
     assert paths, "no images found"
-    images = load_images(paths, case.image_size)
-    reference = raw_outputs(model, images)
+    reference, results = _torch_and_openvino(model, xml, paths, case.image_size)
     torch_scores = reference.pred_score.flatten().numpy()
-    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=OPENVINO_F32)
-    results = [inferencer.predict(images[index].numpy()) for index in range(len(paths))]
     openvino_scores = np.array([float(np.ravel(result.pred_score)[0]) for result in results])
     assert np.isfinite(openvino_scores).all()
     assert np.ptp(torch_scores) > 0, f"{case.name}: every real image gets the same raw score {torch_scores[0]}"
@@ -165,7 +170,6 @@ def test_int8_export_keeps_scores_ranking_and_maps(seeded_run, int8_root: Path, 
     images), every planted defect torch ranks above all normal images stays there, and maps move by at most the
     model's ``INT8_MAP_TOLERANCE`` of their maximum. No real data: this never skips for want of it."""
     import openvino
-    from anomalib.deploy import OpenVINOInferencer
     from scipy.stats import spearmanr
 
     from anomalib_ext.data.synthetic import MVTEC_DEFECTS
@@ -189,11 +193,8 @@ def test_int8_export_keeps_scores_ranking_and_maps(seeded_run, int8_root: Path, 
     assert sorted({name for name in reads_int8 if not name.startswith(prefixes)}) == []
     paths = sorted((int8_root / "test").rglob("*.png"))
     assert len(paths) == INT8_IMAGES["n_test_good"] + len(MVTEC_DEFECTS) * INT8_IMAGES["n_test_per_defect"]
-    images = load_images(paths, case.image_size)
-    reference = raw_outputs(model, images)
+    reference, results = _torch_and_openvino(model, xml, paths, case.image_size)
     torch_scores = reference.pred_score.flatten().numpy()
-    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=OPENVINO_F32)
-    results = [inferencer.predict(images[index].numpy()) for index in range(len(paths))]
     openvino_scores = np.array([float(np.ravel(result.pred_score)[0]) for result in results])
     assert np.isfinite(openvino_scores).all()
     assert np.ptp(torch_scores) > 0, f"{case.name}: every image gets the same raw score {torch_scores[0]}"
