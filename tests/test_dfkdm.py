@@ -92,7 +92,7 @@ def test_density_settings_from_a_mapping_keep_the_class_defaults_for_the_fields_
     assert lake.density.max_training_points == 7
     assert type(lake.density.estimator).__name__ == "GaussianKde"  # DfkdmLake's default kind, not DensitySettings'
     assert lake.density.pca.n_components == 0
-    assert DensitySettings().updated({"kind": "kde"}) == DensitySettings(kind="kde")
+    assert DensitySettings.coerce({"kind": "kde"}) == DensitySettings(kind="kde")
     explicit = DensitySettings(kind="gaussian", n_components=3)
     assert _tiny_lake(density=explicit).density.pca.n_components == 3  # a full DensitySettings is taken as it is
     backbone = Dfkdm(image_size=64, layers=["blocks.2"], density=DensitySettings(kind="kde", residual=False))

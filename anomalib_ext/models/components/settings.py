@@ -31,12 +31,14 @@ class Settings:
         torch.serialization.add_safe_globals([cls])  # checkpoints hold the groups (module docstring)
 
     @classmethod
-    def coerce(cls, value: Self | Mapping[str, Any] | None) -> Self:
-        """``value`` itself, the defaults for ``None``, or the settings a mapping of their fields describes."""
+    def coerce(cls, value: Self | Mapping[str, Any] | None, defaults: Self | None = None) -> Self:
+        """``value`` itself, ``defaults`` (the class's own when not given) for ``None``, or ``defaults`` with the
+        fields a mapping names replaced: a partial mapping from Python (the benchmark's ``{density: {kind: kde}}``)
+        keeps the model's defaults for the fields it leaves out, as jsonargparse does for a config."""
         if isinstance(value, cls):
             return value
         if value is None:
-            return cls()
+            return cls() if defaults is None else defaults
         if not isinstance(value, Mapping):
             msg = f"{cls.__name__}: expected a {cls.__name__} or a mapping of its fields, got {value!r}"
             raise TypeError(msg)
@@ -45,4 +47,5 @@ class Settings:
         if unknown:
             msg = f"{cls.__name__}: unknown keys {unknown}; known: {known}"
             raise ValueError(msg)
-        return cls(**value)
+        # a group may have required fields (``single_template.path``): no default instance without the mapping
+        return cls(**value) if defaults is None else dataclasses.replace(defaults, **value)

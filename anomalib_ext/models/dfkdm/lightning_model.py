@@ -125,7 +125,7 @@ class Dfkdm(ExtModelMixin, MemoryBankMixin, AnomalibModule):
             layers=layers,
             input_normalization=input_normalization,
             pre_trained=pre_trained,
-            density=DensitySettings().updated(density),
+            density=DensitySettings.coerce(density),
             calibrate=calibrate,
         )
         self._features: list[torch.Tensor] = []
@@ -229,7 +229,7 @@ class DfkdmLake(ExtModelMixin, AnomalibModule):
             latent_dim=latent_dim,
             base_channels=base_channels,
             num_downsamples=num_downsamples,
-            density=LAKE_DENSITY.updated(density),
+            density=DensitySettings.coerce(density, defaults=LAKE_DENSITY),
             calibrate=calibrate,
             map_sigma=map_sigma,
         )

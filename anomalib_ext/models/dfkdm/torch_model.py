@@ -18,9 +18,8 @@ to OpenVINO.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from anomalib.data import InferenceBatch
@@ -67,17 +66,6 @@ class DensitySettings(Settings):
     residual: bool = True
     feature_scaling: ScalingMethod = "standardize"
     max_training_points: int = 2000
-
-    def updated(self, value: DensitySettings | Mapping[str, Any] | None) -> DensitySettings:
-        """``value`` if it is a ``DensitySettings``; else these settings with the fields a mapping names replaced.
-        So a partial mapping from Python (the benchmark's ``{density: {kind: kde}}``) keeps the model's own default
-        for the fields it leaves out, as jsonargparse does for a config or ``--model.init_args.density.kind``."""
-        if isinstance(value, DensitySettings):
-            return value
-        if value is None:
-            return self
-        type(self).coerce(value)  # the shared checks: a mapping, no unknown keys
-        return replace(self, **value)
 
     def build(self, passthrough: int = 0) -> FeatureDensity:
         """The ``FeatureDensity`` these settings describe; the last ``passthrough`` features skip PCA."""
