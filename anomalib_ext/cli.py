@@ -3,7 +3,9 @@
 ``anomalib train --config`` already finds our models by full class path
 (``class_path: anomalib_ext.models.TileOutlier``). Short names (``--model TileOutlier``) need the class to be
 imported before jsonargparse resolves it; anomalib has no plugin entry point, so this wrapper imports
-``anomalib_ext`` first and then hands over to anomalib's CLI unchanged (same subcommands, same flags).
+``anomalib_ext`` first and then hands over to anomalib's CLI (same subcommands, same flags), with the data folders
+checked before anything is written or downloaded and ``latest`` kept on the newest run with a checkpoint
+(``anomalib_ext.anomalib_cli``).
 
 ``anomalib-ext config list|show|path`` reads the configs that ship inside the package (a ``pip install``ed
 package has no ``configs/`` folder of its own): ``anomalib-ext config show tile_outlier/mvtec > my.yaml``.
@@ -13,11 +15,13 @@ package has no ``configs/`` folder of its own): ``anomalib-ext config show tile_
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from anomalib_ext.quiet import configure_cli
 from anomalib_ext.version import package_version
 
 CONFIG_FOLDER = "configs"
@@ -89,19 +93,28 @@ def version_line() -> str:
     return f"anomalib-ext {package_version()} (anomalib {anomalib_version})"
 
 
+# our own subcommands (each module has ``main(argv) -> int``); everything else goes to anomalib's CLI unchanged
+OWN_COMMANDS = {
+    "score": "anomalib_ext.commands.score",
+    "doctor": "anomalib_ext.commands.doctor",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     if arguments[:1] == ["config"]:
         sys.exit(config_command(arguments[1:]))
+    if arguments[:1] and arguments[0] in OWN_COMMANDS:
+        command = importlib.import_module(OWN_COMMANDS[arguments[0]])
+        sys.exit(command.main(arguments[1:]))
     if arguments[:1] and arguments[0] in VERSION_FLAGS:
         print(version_line())  # noqa: T201
         sys.exit(0)
 
-    from anomalib.cli.cli import main as anomalib_main
+    configure_cli(arguments)  # quiet logs unless --verbose; an INT8 export without --data stops here
+    from anomalib_ext.anomalib_cli import main as anomalib_main  # imports torch and anomalib: only here
 
-    import anomalib_ext  # noqa: F401  (registers our models as AnomalibModule subclasses)
-
-    anomalib_main()
+    anomalib_main(arguments)
 
 
 if __name__ == "__main__":

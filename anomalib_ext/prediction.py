@@ -36,8 +36,9 @@ MERGED_NAME = "predictions.jsonl"
 PART_PATTERN = "part-rank*.jsonl"
 
 
-def _path_key(path: str) -> int:
-    """8-byte digest of an image path: the merge's memory is ~100 bytes per image, not the path strings."""
+def path_key(path: str) -> int:
+    """8-byte digest of an image path: the set of done images costs ~100 bytes per image, not the path strings
+    (shared with ``anomalib-ext score``'s resume)."""
     return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
 
 
@@ -69,13 +70,13 @@ def merge_predictions(output_dir: str | Path) -> Path:
     """
     folder = Path(output_dir)
     merged = folder / MERGED_NAME
-    seen = {_path_key(record["image_path"]) for record in _records(merged)}
+    seen = {path_key(record["image_path"]) for record in _records(merged)}
     parts = sorted(folder.glob(PART_PATTERN))
     _end_with_newline(merged)
     with merged.open("a", encoding="utf-8") as out:
         for part in parts:
             for record in _records(part):
-                key = _path_key(record["image_path"])
+                key = path_key(record["image_path"])
                 if key not in seen:
                     seen.add(key)
                     out.write(json.dumps(record) + "\n")

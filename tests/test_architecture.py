@@ -29,9 +29,11 @@ EDGE_FORBIDDEN = ("torch", "torchvision", "anomalib", "anomalib_ext", "lightning
 MAY_IMPORT: dict[str, set[str]] = {
     "version": set(),
     "weights": set(),
+    "workspace": set(),
+    "quiet": set(),
     "data": {"version"},
     "augment": {"data", "weights", "version"},
-    "components": {"data", "augment", "weights", "version"},
+    "components": {"data", "augment", "weights", "version", "workspace", "quiet"},
     "family": {"components", "data", "augment", "weights", "version"},
     "models": {"family", "components"},
 }
@@ -138,7 +140,7 @@ def layer(name: str) -> str | None:
     parts = name.split(".")
     if parts[0] != PACKAGE or len(parts) == 1:
         return None
-    if parts[1] in {"version", "weights", "data", "augment"}:
+    if parts[1] in {"version", "weights", "workspace", "quiet", "data", "augment"}:
         return parts[1]
     if parts[1] == "models":
         if len(parts) == 2:

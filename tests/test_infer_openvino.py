@@ -156,3 +156,38 @@ def test_progress_line_with_rate_and_time_left(exported: Path, mvtec_root: Path,
     assert "img/s" in result.stderr and "left" in result.stderr
     quiet = _run_tool(exported, source, tmp_path / "quiet", "--no-progress")
     assert quiet.returncode == 0 and "img/s" not in quiet.stderr
+
+
+def test_an_export_without_resize_metadata_warns_once_and_resizes_like_anomalib(
+    exported: Path, mvtec_root: Path, tmp_path: Path
+) -> None:
+    """anomalib's own models (and older anomalib-ext exports) do not record how they resize: images of another
+    size get one warning line for the whole run, naming the model, and anomalib's default resize (torchvision
+    bilinear, antialiased: its Padim's pre-processor), so the scores are the inferencer's on the image resized
+    that way. Images already at the export's size need no resize and get no warning."""
+    import cv2
+    import torch
+    from anomalib.deploy import OpenVINOInferencer
+    from torchvision.transforms.v2.functional import resize
+
+    source = tmp_path / "in"
+    source.mkdir()
+    for index, path in enumerate(sorted((mvtec_root / "synthetic" / "test").rglob("*.png"))[:6:2]):
+        image = cv2.imread(str(path))
+        cv2.imwrite(str(source / f"{index}_large.png"), cv2.resize(image, (150, 180), interpolation=cv2.INTER_CUBIC))
+        cv2.imwrite(str(source / f"{index}_small.png"), cv2.resize(image, (100, 70), interpolation=cv2.INTER_CUBIC))
+    result = _run_tool(exported, source, tmp_path / "out", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(exported) in warnings[0] and "does not record" in warnings[0], result.stderr
+    inferencer = OpenVINOInferencer(path=exported, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert len(rows) == 6
+    for row in rows:
+        rgb = cv2.cvtColor(cv2.imread(row["image"]), cv2.COLOR_BGR2RGB)
+        image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+        resized = resize(image, [128, 128], antialias=True).clamp(0, 1)  # the inferencer divides > 1.0 by 255
+        expected = inferencer.predict(resized.numpy().transpose(1, 2, 0))
+        assert abs(float(row["score"]) - float(np.ravel(expected.pred_score)[0])) < 1e-4, row["image"]
+    same_size = _run_tool(exported, mvtec_root / "synthetic" / "test" / "good", tmp_path / "same", "--no-progress")
+    assert same_size.returncode == 0 and "warning:" not in same_size.stderr, same_size.stderr

@@ -14,6 +14,10 @@ requests in flight over ``--streams`` CPU streams while the next images are read
 written, in input order. A progress line on stderr gives images/s and the time left (``--no-progress``
 turns it off).
 
+Images of any size: each is resized to the export's input size exactly as the model's own pre-processor resizes it
+in torch (torchvision ``Resize``: bilinear with antialiasing, or nearest, as the export records), so the scores are
+torch's (within 1e-3 normalised, tested on images larger and smaller than the export, non-square).
+
 Example::
 
     python tools/infer_openvino.py --model results/demo/export/weights/openvino/model.xml \\
@@ -41,6 +45,95 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 class InferenceError(RuntimeError):
     """A problem the user can fix; the message names the file."""
+
+
+# copies of anomalib_ext.models.components.base's RESIZE_*_KEY: what an anomalib-ext export records (rt_info
+# "framework" of model.xml) about its pre-processor's resize (tests/test_edge_resize.py asserts they are equal)
+RESIZE_INTERPOLATION_KEY = "anomalib_ext.resize_interpolation"
+RESIZE_ANTIALIAS_KEY = "anomalib_ext.resize_antialias"
+RESIZE_SIZE_KEY = "anomalib_ext.resize_size"
+RESIZE_MODES = ("bilinear", "nearest")
+
+
+@dataclass(frozen=True)
+class ResizeRecipe:
+    """How the model's pre-processor resizes an image (torchvision ``Resize``); ``size`` is the size it resizes to
+    (``None``: not recorded). ``recorded`` is False for an export that does not say (anomalib's own models, older
+    anomalib-ext): then bilinear with antialiasing, torchvision's and anomalib's default."""
+
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    size: tuple[int, int] | None = None
+    recorded: bool = False
+
+    @classmethod
+    def of(cls, model: ov.Model) -> ResizeRecipe:
+        def value(key: str) -> str | None:
+            path = ["framework", key]
+            return model.get_rt_info(path).astype(str) if model.has_rt_info(path) else None
+
+        interpolation = value(RESIZE_INTERPOLATION_KEY)
+        if interpolation is None:
+            return cls()
+        size = value(RESIZE_SIZE_KEY)
+        return cls(
+            interpolation=interpolation,
+            antialias=value(RESIZE_ANTIALIAS_KEY) == "true",
+            size=tuple(int(side) for side in size.split(",")) if size else None,  # type: ignore[arg-type]
+            recorded=True,
+        )
+
+
+def _resize_taps(in_size: int, out_size: int, interpolation: str, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights, ``(out_size, taps)`` each, of torch's 1-D resize along one axis.
+
+    torch's own arithmetic in float32, so the pixels agree to ~1e-6 (tests/test_edge_resize.py): ``nearest`` is
+    ``floor(i * in / out)``; bilinear ``align_corners=False`` with antialiasing is torch's
+    ``_upsample_bilinear2d_aa`` (PIL's triangle filter, its support widened by the downscale factor, weights
+    normalised per output pixel); without it, the two nearest source pixels (torch fuses ``scale * (i + .5) - .5``,
+    hence float64 there).
+    """
+    out = np.arange(out_size)
+    if interpolation == "nearest":
+        if out_size == 2 * in_size:
+            index = out >> 1
+        else:
+            scale = np.float32(in_size) / np.float32(out_size)
+            index = np.minimum(np.floor(out.astype(np.float32) * scale).astype(np.int64), in_size - 1)
+        return index[:, None], np.ones((out_size, 1), np.float32)
+    scale = np.float32(in_size) / np.float32(out_size)
+    if antialias:
+        support = max(scale, np.float32(1.0))
+        inverse_scale = np.float32(1.0) / support
+        centre = scale * (out.astype(np.float32) + np.float32(0.5))
+        first = np.maximum((centre.astype(np.float64) - support + 0.5).astype(np.int64), 0)
+        stop = np.minimum((centre.astype(np.float64) + support + 0.5).astype(np.int64), in_size)
+        index = first[:, None] + np.arange(int((stop - first).max()))[None]
+        distance = ((index - centre[:, None]).astype(np.float32) + np.float32(0.5)) * inverse_scale
+        weight = np.where(np.abs(distance) < 1, 1 - np.abs(distance), 0).astype(np.float32)
+        weight[index >= stop[:, None]] = 0
+        return np.minimum(index, in_size - 1), weight / weight.sum(axis=1, keepdims=True, dtype=np.float32)
+    source = np.maximum((np.float64(scale) * (out + 0.5) - 0.5).astype(np.float32), np.float32(0))
+    low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+    fraction = np.clip(source - low.astype(np.float32), 0, 1).astype(np.float32)
+    return np.stack([low, np.minimum(low + 1, in_size - 1)], 1), np.stack([1 - fraction, fraction], 1)
+
+
+def resize_like_torch(image: np.ndarray, size: tuple[int, int], recipe: ResizeRecipe) -> np.ndarray:
+    """``(H, W, C)`` float32 -> ``(*size, C)``, as torchvision ``Resize(size, interpolation, antialias)`` on the
+    ``(C, H, W)`` float tensor (OpenCV has no antialiased bilinear; ``INTER_AREA`` is a box filter, not torch's).
+    Separable: width first, then height, each a weighted sum of a few gathered columns/rows."""
+    for axis in (1, 0):
+        in_size, out_size = image.shape[axis], size[axis]
+        if in_size == out_size:
+            continue
+        index, weight = _resize_taps(in_size, out_size, recipe.interpolation, recipe.antialias)
+        shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
+        resized = np.take(image, index[:, 0], axis=axis) * weight[:, 0].reshape(shape)
+        for tap in range(1, index.shape[1]):
+            resized += np.take(image, index[:, tap], axis=axis) * weight[:, tap].reshape(shape)
+        image = resized
+    return image
 
 
 @dataclass
@@ -127,6 +220,25 @@ class EdgeModel:
         self.input_size = (
             (shape[2].get_length(), shape[3].get_length()) if shape[2].is_static and shape[3].is_static else None
         )
+        self.model_path = model_path
+        self.resize = ResizeRecipe.of(model)
+        self._warned = False
+        if self.resize.interpolation not in RESIZE_MODES:
+            print(
+                f"warning: {model_path}: its model resizes with '{self.resize.interpolation}', which this tool does "
+                "not reproduce; resizing bilinear (antialiased): scores of images of another size will differ from "
+                "torch's",
+                file=sys.stderr,
+            )
+            self.resize = ResizeRecipe(size=self.resize.size, recorded=self.resize.recorded)
+        if self.resize.size is not None and self.input_size is not None and self.resize.size != self.input_size:
+            height, width = self.resize.size
+            print(
+                f"warning: {model_path}: the export takes {self.input_size[0]}x{self.input_size[1]} images but its "
+                f"model resizes to {height}x{width}, so its scores differ from torch's; export with "
+                f'--input_size "[{height},{width}]"',
+                file=sys.stderr,
+            )
         if self.input_size is not None and shape[0].is_dynamic:
             # one image per request: a static input lets OpenVINO plan every tensor once (faster than dynamic)
             model.reshape({model.input(0): ov.PartialShape([1, shape[1].get_length(), *self.input_size])})
@@ -138,10 +250,20 @@ class EdgeModel:
         return max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
 
     def prepare(self, rgb: np.ndarray) -> np.ndarray:
-        """The (1, 3, H, W) float input in [0, 1], resized to the model's input size."""
-        if self.input_size is not None and rgb.shape[:2] != self.input_size:
-            rgb = cv2.resize(rgb, self.input_size[::-1], interpolation=cv2.INTER_AREA)
-        return np.ascontiguousarray((rgb.astype(np.float32) / 255.0).transpose(2, 0, 1)[None])
+        """The (1, 3, H, W) float input in [0, 1], resized to the model's input size as its pre-processor does in
+        torch (on the [0, 1] floats, like anomalib, and not clamped: torch's model sees the overshoot too)."""
+        image = rgb.astype(np.float32) / np.float32(255.0)
+        if self.input_size is not None and image.shape[:2] != self.input_size:
+            if not self.resize.recorded and not self._warned:
+                self._warned = True
+                print(
+                    f"warning: {self.model_path}: the export does not record how its model resizes (anomalib's own "
+                    "models, or an older anomalib-ext): resizing bilinear, antialiased (anomalib's default); re-export "
+                    "with this anomalib-ext for scores equal to torch's on images of another size",
+                    file=sys.stderr,
+                )
+            image = resize_like_torch(image, self.input_size, self.resize)
+        return np.ascontiguousarray(image.transpose(2, 0, 1)[None])
 
     def decode(self, arrays: list[np.ndarray]) -> Prediction:
         """The model's outputs (in ``output_names`` order) as a :class:`Prediction`."""

@@ -6,6 +6,7 @@ with the wrong image by sort order).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,7 @@ def check_mvtec_layout(
     """
     base = Path(root) / category
     context = f"MVTec dataset {base}"
-    if not base.is_dir():
-        raise DataValidationError([(base, f"category folder not found under root {root}")], context)
+    check_mvtec_paths(root, category)
     problems: list[tuple[Path, str]] = []
     kwargs: dict[str, Any] = {"min_size": min_size, "allow_16bit_gray": allow_16bit_gray}
     _, train_problems = scan_folder(base / "train" / "good", "train/good", False, allow_empty=False, **kwargs)
@@ -78,6 +78,48 @@ def check_mvtec_layout(
         problems += mvtec_mask_pairing_problems(base)
     if problems:
         raise DataValidationError(problems, context)
+
+
+def _folders_in(folder: Path, shown: int = 8) -> str:
+    """``"a, b, c"`` (the first ``shown`` sub-folders of ``folder``), for messages about a misspelt name."""
+    names = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not names:
+        return "it holds no folders"
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return f"it holds: {', '.join(names[:shown])}{more}"
+
+
+def root_problem(root: Path, expected: str) -> tuple[Path, str] | None:
+    """``(root, why)`` when the dataset root is missing or a file; ``expected`` says what should be under it."""
+    if root.is_dir():
+        return None
+    found = "is a file, not a folder" if root.exists() else "folder not found"
+    return root, f"data root {found} (expected {expected})"
+
+
+def category_problem(root: Path, category: str) -> tuple[Path, str] | None:
+    """``(root/category, why)`` when the category folder is missing: names the folders that are there and the
+    closest one to ``category``, since a misspelt category is the usual cause."""
+    base = root / category
+    if base.is_dir():
+        return None
+    candidates = [entry.name for entry in root.iterdir() if entry.is_dir()]
+    close = difflib.get_close_matches(category, candidates, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return base, f"category folder not found under root {root} ({_folders_in(root)}{hint})"
+
+
+def check_mvtec_paths(root: str | Path, category: str) -> None:
+    """Existence only (reads no file): ``root`` and ``root/category`` are folders; else one error naming the path.
+
+    What anomalib's ``MVTecAD.prepare_data`` tests before it downloads the public dataset into ``root``: checked
+    first, a wrong root or a misspelt category is one line instead of a download attempt.
+    """
+    root = Path(root)
+    problem = root_problem(root, f"{root / category / 'train' / 'good'}/ with normal images, MVTec AD layout")
+    problem = problem or category_problem(root, category)
+    if problem:
+        raise DataValidationError([problem], f"MVTec dataset {root / category}")
 
 
 def mvtec_mask_pairing_problems(base: Path, shown: int = 3) -> list[tuple[Path, str]]:
@@ -129,8 +171,7 @@ def check_dice_layout(
 ) -> None:
     """Check a dice-layout root (``train/good[/<class>]``, optional ``val/``, ``test/``, ``ground_truth/``)."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataValidationError([(root, "dataset root does not exist")], f"dice dataset {root}")
+    check_dice_paths(root)
     kwargs: dict[str, Any] = {"min_size": min_size, "allow_16bit_gray": allow_16bit_gray}
     _, problems = scan_folder(root / "train" / "good", "train/good", True, allow_empty=False, **kwargs)
     for split in ("val", "test"):
@@ -149,27 +190,50 @@ def check_dice_layout(
         raise DataValidationError(problems, f"dice dataset {root}")
 
 
+def check_dice_paths(root: str | Path) -> None:
+    """Existence only: the dice root is a folder (one error naming it otherwise)."""
+    root = Path(root)
+    problem = root_problem(root, f"{root / 'train' / 'good'}/<class>/ with normal images, dice layout")
+    if problem:
+        raise DataValidationError([problem], f"dice dataset {root}")
+
+
+def _folder_entries(datamodule: Any, attribute: str) -> list[Path]:  # noqa: ANN401
+    """A ``Folder`` datamodule's ``normal_dir`` (etc.): one path or several, relative ones under its ``root``."""
+    entry = getattr(datamodule, attribute, None)
+    if entry is None:
+        return []
+    root = Path(datamodule.root) if datamodule.root is not None else None
+    entries = [entry] if isinstance(entry, str | Path) else list(entry)
+    return [root / e if root is not None and not Path(e).is_absolute() else Path(e) for e in entries]
+
+
+def check_folder_paths(datamodule: Any) -> None:  # noqa: ANN401
+    """Existence only: an ``anomalib.data.Folder``'s ``root`` (when given) and ``normal_dir`` are folders."""
+    normal_dirs = _folder_entries(datamodule, "normal_dir")
+    problem = None
+    if datamodule.root is not None:
+        problem = root_problem(Path(datamodule.root), f"normal_dir {', '.join(map(str, normal_dirs))} under it")
+    problems = [problem] if problem else [(path, "normal_dir folder does not exist") for path in normal_dirs]
+    problems = [(path, reason) for path, reason in problems if not path.is_dir()]
+    if problems:
+        raise DataValidationError(problems, f"Folder datamodule {datamodule.name!r}")
+
+
 def check_folder_datamodule(datamodule: Any) -> None:  # noqa: ANN401
     """Check the folders of an ``anomalib.data.Folder`` datamodule (masks are matched in sorted order)."""
-    root = Path(datamodule.root) if datamodule.root is not None else None
-
-    def resolve(entry: Any) -> list[Path]:
-        if entry is None:
-            return []
-        entries = [entry] if isinstance(entry, str | Path) else list(entry)
-        return [root / e if root is not None and not Path(e).is_absolute() else Path(e) for e in entries]
-
+    check_folder_paths(datamodule)
     problems: list[tuple[Path, str]] = []
     for role, attribute, allow_empty in (
         ("normal_dir", "normal_dir", False),
         ("abnormal_dir", "abnormal_dir", True),
         ("normal_test_dir", "normal_test_dir", True),
     ):
-        for folder in resolve(getattr(datamodule, attribute, None)):
+        for folder in _folder_entries(datamodule, attribute):
             infos, folder_problems = scan_folder(folder, role, False, None, False, allow_empty)
             problems += folder_problems
             if attribute == "abnormal_dir":
-                for mask_dir in resolve(getattr(datamodule, "mask_dir", None)):
+                for mask_dir in _folder_entries(datamodule, "mask_dir"):
                     masks = sorted(p for p in mask_dir.iterdir() if is_data_file(p)) if mask_dir.is_dir() else []
                     if len(masks) != len(infos):
                         problems.append((mask_dir, f"{len(masks)} masks for {len(infos)} anomalous images"))

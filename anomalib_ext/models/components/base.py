@@ -14,7 +14,8 @@ among the *direct* subclasses of ``AnomalibModule`` only. It provides:
   at opset 14, the dynamo exporter writes opset 18 and down-converts, and onnx has no ``Pad`` adapter below
   18, so any model with padding (SSIM, Gaussian blur) would fail to export. OpenVINO reads opset 18 natively.
   The exported nodes are named after their torch module (``model.feature_extractor/node_Conv_12``), so the IR
-  and OpenVINO's per-operation profile say where each operation comes from;
+  and OpenVINO's per-operation profile say where each operation comes from. The export records how the
+  pre-processor resizes (``resize_metadata``) so an edge tool can resize a full-size image as torch does;
 - INT8 that keeps accuracy: anomalib's ``INT8_PTQ`` export (``--compression_type INT8_PTQ``) quantises only the
   modules the model lists in ``int8_modules`` (its backbone or autoencoder convolutions); density, PCA,
   distances, SSIM, blurs, normalisation and calibration stay in float (``quantization.quantize_modules``);
@@ -53,7 +54,9 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 
 from anomalib_ext.data.datamodule_checks import exit_on_bad_data
 from anomalib_ext.data.seeded_split import ensure_seeded_anomalies, is_set_up, setup_with_seeded_anomalies
+from anomalib_ext.quiet import EXPORTER_LOGGERS, is_verbose, quiet_loggers
 from anomalib_ext.version import __version__, release_of
+from anomalib_ext.workspace import discard_empty_run
 
 from .distributed import fresh_storage_for_resized_buffers
 from .quantization import name_nodes_by_module, quantize_modules
@@ -65,6 +68,12 @@ SIGTERM_EXIT_STATUS = 143
 CHECKPOINT_VERSION_KEY = "anomalib_ext_version"
 # 0.4.0 moved the models' fitted state into their torch models (issue 22): older checkpoints do not load
 OLDEST_READABLE_RELEASE = (0, 4)
+# how the pre-processor resizes, written into every export (ONNX metadata_props, which OpenVINO keeps in model.xml
+# under rt_info/framework) so tools/infer_openvino.py resizes a full-size image as torch does (copies of these
+# names live there: it imports no anomalib_ext; tests/test_edge_resize.py checks they agree)
+RESIZE_INTERPOLATION_KEY = "anomalib_ext.resize_interpolation"
+RESIZE_ANTIALIAS_KEY = "anomalib_ext.resize_antialias"
+RESIZE_SIZE_KEY = "anomalib_ext.resize_size"
 
 ImageSize = int | Sequence[int]
 
@@ -89,6 +98,36 @@ def image_metrics_evaluator() -> Evaluator:
             AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
         ]
     )
+
+
+def resize_metadata(pre_processor: nn.Module | None) -> dict[str, str]:
+    """The pre-processor's training-time resize (its transform's leading torchvision ``Resize`` to ``(H, W)``) as
+    export metadata; empty when it has none. The transform, not anomalib's export copy with antialiasing off: it is
+    what ``anomalib train/test/predict`` feed the model, so what its threshold and normalisation were fitted on."""
+    transform = getattr(pre_processor, "transform", None)
+    if isinstance(transform, Compose):
+        transform = transform.transforms[0] if transform.transforms else None
+    if not isinstance(transform, Resize) or transform.size is None or len(transform.size) != 2:  # noqa: PLR2004
+        return {}
+    interpolation = InterpolationMode(transform.interpolation)
+    # torchvision antialiases bilinear, bicubic and Lanczos only
+    smooth = interpolation in {InterpolationMode.BILINEAR, InterpolationMode.BICUBIC, InterpolationMode.LANCZOS}
+    return {
+        RESIZE_INTERPOLATION_KEY: interpolation.value,
+        RESIZE_ANTIALIAS_KEY: str(bool(transform.antialias) and smooth).lower(),
+        RESIZE_SIZE_KEY: ",".join(str(int(side)) for side in transform.size),
+    }
+
+
+def write_onnx_metadata(onnx_path: Path, metadata: dict[str, str]) -> None:
+    """Add ``metadata`` to the ONNX file's ``metadata_props`` (OpenVINO carries them into the IR's rt_info)."""
+    import onnx
+
+    if not metadata:
+        return
+    model = onnx.load(str(onnx_path))
+    onnx.helper.set_model_props(model, {**{entry.key: entry.value for entry in model.metadata_props}, **metadata})
+    onnx.save(model, str(onnx_path))
 
 
 class SigtermExitStatus(Callback):
@@ -240,6 +279,20 @@ class ExtModelMixin:
         return batch.update(**predictions._asdict())
 
     def configure_callbacks(self) -> Any:  # noqa: ANN401
+        """``SigtermExitStatus``; first, the datamodule's folders checked for existence.
+
+        Lightning calls this once the datamodule is attached and before the datamodule's ``prepare_data``, where
+        anomalib's ``MVTecAD`` would download the public dataset into a wrong root or for a misspelt category: here
+        that is one line naming the path and exit status 2 (``check_data=False`` skips it, as it skips the files).
+        """
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None)
+        if self.check_data and datamodule is not None:
+            try:
+                exit_on_bad_data(datamodule, paths_only=True)
+            except SystemExit:  # the Engine already made this run's v<N> and moved `latest` to it: undo that
+                discard_empty_run(trainer.default_root_dir)  # type: ignore[union-attr]
+                raise
         return [*list(super().configure_callbacks()), SigtermExitStatus()]  # type: ignore[misc]
 
     def to_onnx(
@@ -250,8 +303,11 @@ class ExtModelMixin:
         **kwargs: Any,  # noqa: ANN401
     ) -> Path:
         kwargs.setdefault("opset_version", EXPORT_OPSET)
-        onnx_path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
+        kwargs.setdefault("verbose", None if is_verbose() else False)  # torch.onnx's progress lines
+        with quiet_loggers(EXPORTER_LOGGERS):  # ~700 INFO lines, one per deduplicated initializer or folded node
+            onnx_path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
         name_nodes_by_module(onnx_path)
+        write_onnx_metadata(onnx_path, resize_metadata(getattr(self, "pre_processor", None)))
         return onnx_path
 
     def quantized_modules(self) -> tuple[str, ...]:

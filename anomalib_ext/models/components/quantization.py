@@ -27,12 +27,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from anomalib_ext.quiet import NNCF_LOGGER, quiet_loggers
+
 logger = logging.getLogger(__name__)
 
 # node metadata written by torch.onnx.export(dynamo=True): the module path of the node, outermost first
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 MODULE_SEPARATOR = "/"
 RECOMMENDED_CALIBRATION_IMAGES = 300
+NNCF_DEFAULT_SUBSET_SIZE = 300  # nncf.quantize's default subset_size, in loader items (batches)
+MISSING_DATA_MESSAGE = (
+    "INT8_PTQ calibrates on images and no datamodule was given: add --data to the export command "
+    "(e.g. --data anomalib.data.MVTecAD --data.root DIR --data.category NAME), or datamodule= to Engine.export"
+)
 
 
 def name_nodes_by_module(onnx_path: Path | str) -> None:
@@ -85,8 +92,7 @@ def quantize_modules(model: Any, datamodule: Any, modules: Sequence[str]) -> Any
     import nncf
 
     if datamodule is None:
-        msg = "Datamodule must be provided for OpenVINO INT8_PTQ compression"
-        raise ValueError(msg)
+        raise ValueError(MISSING_DATA_MESSAGE)
     if not modules:
         logger.warning("INT8_PTQ: this model declares no module that benefits from INT8; the export stays float")
         return model
@@ -94,19 +100,47 @@ def quantize_modules(model: Any, datamodule: Any, modules: Sequence[str]) -> Any
     return quantize_calibrated(model, datamodule, ignored)
 
 
-def quantize_calibrated(model: Any, datamodule: Any, ignored_scope: Any = None) -> Any:  # noqa: ANN401
-    """``nncf.quantize`` calibrated on ``datamodule``'s validation images (anomalib's ``INT8_PTQ`` data), with full
-    bias correction; everything in ``ignored_scope`` stays float (``None``: the whole graph is quantised)."""
-    import nncf
-
+def calibration_loader(model: Any, datamodule: Any) -> Any:  # noqa: ANN401
+    """The datamodule's validation loader, in batches of the IR's batch size when that is fixed (the loader uses
+    ``eval_batch_size``; anomalib sets only ``train_batch_size``, which that loader never reads)."""
     datamodule.setup("fit")
     if model.input(0).partial_shape[0].is_static:
-        datamodule.train_batch_size = model.input(0).shape[0]
-    dataloader = datamodule.val_dataloader()
-    if len(dataloader.dataset) < RECOMMENDED_CALIBRATION_IMAGES:
-        logger.warning(
-            f">{RECOMMENDED_CALIBRATION_IMAGES} images recommended for INT8 quantization, "
-            f"found only {len(dataloader.dataset)} images"
-        )
+        datamodule.train_batch_size = datamodule.eval_batch_size = model.input(0).shape[0]
+    return datamodule.val_dataloader()
+
+
+def calibration_note(images: int, batches: int) -> str | None:
+    """The one warning about the calibration set's size, in images (NNCF counts loader items, i.e. batches: its own
+    "only N samples" said 1 where the loader held 20 images)."""
+    if images >= RECOMMENDED_CALIBRATION_IMAGES:
+        return None
+    return (
+        f"INT8 calibration uses all {images} validation images ({batches} batch{'es' if batches != 1 else ''}); "
+        f"{RECOMMENDED_CALIBRATION_IMAGES} or more are recommended"
+    )
+
+
+def quantize_calibrated(model: Any, datamodule: Any, ignored_scope: Any = None) -> Any:  # noqa: ANN401
+    """``nncf.quantize`` calibrated on ``datamodule``'s validation images (anomalib's ``INT8_PTQ`` data), with full
+    bias correction; everything in ``ignored_scope`` stays float (``None``: the whole graph is quantised).
+
+    NNCF's ``subset_size`` counts loader items (batches): the default 300 asks for 300 batches and NNCF warns when
+    the loader has fewer. Passing ``min(batches, 300)`` calibrates on exactly what the default did, and the size
+    warning is ours, in images. NNCF's per-operation INFO lines show with ``ANOMALIB_EXT_VERBOSE=1``.
+    """
+    import nncf
+
+    dataloader = calibration_loader(model, datamodule)
+    batches = len(dataloader)
+    note = calibration_note(len(dataloader.dataset), batches)
+    if note is not None:
+        logger.warning(note)
     calibration = nncf.Dataset(dataloader, calibration_transform(model))
-    return nncf.quantize(model, calibration, ignored_scope=ignored_scope, fast_bias_correction=False)
+    with quiet_loggers((NNCF_LOGGER,)):
+        return nncf.quantize(
+            model,
+            calibration,
+            subset_size=max(1, min(batches, NNCF_DEFAULT_SUBSET_SIZE)),
+            ignored_scope=ignored_scope,
+            fast_bias_correction=False,
+        )
