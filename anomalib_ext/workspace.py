@@ -110,4 +110,12 @@ def discard_empty_run(run_folder: str | Path) -> None:
     if folder.name == LATEST and folder.is_symlink():
         folder = folder.resolve()
     if _VERSION.fullmatch(folder.name) and folder.is_dir():
-        settle_latest(folder.parent, folder)
+        runs = folder.parent
+        settle_latest(runs, folder)
+        # the Engine made <root>/<Model>/<Data>/<category> for this run: drop the levels that now hold nothing
+        for level in (runs, runs.parent, runs.parent.parent, runs.parent.parent.parent):
+            if not level.is_dir():
+                continue  # settle_latest removed the category's folder already
+            if any(level.iterdir()):
+                break
+            level.rmdir()

