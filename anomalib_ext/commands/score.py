@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import importlib
 import inspect
 import json
@@ -55,6 +54,7 @@ from anomalib_ext.data.validation import IMAGE_SUFFIXES
 from anomalib_ext.data.validation.files import ImageInfo, image_problem, probe_image
 from anomalib_ext.models.components import IncompatibleCheckpointError
 from anomalib_ext.prediction import path_key
+from anomalib_ext.weights import file_sha256
 
 PREDICTIONS_NAME = "predictions.csv"
 ERRORS_NAME = "errors.csv"
@@ -78,15 +78,6 @@ def one_line(error: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- model
-def checkpoint_digest(path: Path) -> str:
-    """SHA-256 of the checkpoint file: what ties an output folder to one model (a moved file is the same model)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_classes() -> list[type[AnomalibModule]]:
     """Every model anomalib knows: its own (``anomalib.models``) and ours (importing ``anomalib_ext`` registers
     them as subclasses)."""
@@ -145,10 +136,7 @@ def find_model_class(saved: dict[str, Any], ckpt_path: Path, requested: str | No
 
 
 def load_model(ckpt_path: Path, requested: str | None) -> tuple[AnomalibModule, str]:
-    """The checkpoint's model in eval mode on the CPU, and its class path."""
-    if not ckpt_path.is_file():
-        msg = f"{ckpt_path}: checkpoint not found" + (" (it is a folder)" if ckpt_path.is_dir() else "")
-        raise ScoreError(msg)
+    """The checkpoint's model in eval mode on the CPU, and its class path (``run`` checked that the file exists)."""
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # noqa: BLE001  (any unreadable file is the same one-line answer)
@@ -424,8 +412,9 @@ def prediction_rows(batch: ImageBatch, raw: list[float] | None) -> list[list[str
 
 def run(args: argparse.Namespace) -> str:
     """Score every image not scored yet; return the summary line."""
-    if not args.ckpt_path.is_file():  # before the slow imports: the most common mistake answers at once
-        raise ScoreError(f"{args.ckpt_path}: checkpoint not found")
+    if not args.ckpt_path.is_file():  # first: the most common mistake answers before any folder is listed
+        msg = f"{args.ckpt_path}: checkpoint not found" + (" (it is a folder)" if args.ckpt_path.is_dir() else "")
+        raise ScoreError(msg)
     if not args.input.exists():
         raise ScoreError(f"{args.input}: no such file or folder")
     device = pick_device(args.device)
@@ -437,7 +426,8 @@ def run(args: argparse.Namespace) -> str:
     dataset.transform = model.pre_processor.transform if model.pre_processor else None
     run_info = {
         "checkpoint": str(args.ckpt_path.absolute()),
-        "checkpoint_sha256": checkpoint_digest(args.ckpt_path),
+        # what ties an output folder to one model (a moved file is the same model)
+        "checkpoint_sha256": file_sha256(args.ckpt_path),
         "model": class_path,
         **thresholds(model),
         "columns": list(PREDICTION_COLUMNS),

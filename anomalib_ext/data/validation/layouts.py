@@ -80,9 +80,8 @@ def check_mvtec_layout(
         raise DataValidationError(problems, context)
 
 
-def _folders_in(folder: Path, shown: int = 8) -> str:
-    """``"a, b, c"`` (the first ``shown`` sub-folders of ``folder``), for messages about a misspelt name."""
-    names = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+def _listing(names: list[str], shown: int = 8) -> str:
+    """``"it holds: a, b, c"`` (the first ``shown`` of ``names``), for messages about a misspelt name."""
     if not names:
         return "it holds no folders"
     more = f", ... ({len(names)} in all)" if len(names) > shown else ""
@@ -106,7 +105,8 @@ def category_problem(root: Path, category: str) -> tuple[Path, str] | None:
     candidates = [entry.name for entry in root.iterdir() if entry.is_dir()]
     close = difflib.get_close_matches(category, candidates, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return base, f"category folder not found under root {root} ({_folders_in(root)}{hint})"
+    shown = sorted(name for name in candidates if not name.startswith("."))
+    return base, f"category folder not found under root {root} ({_listing(shown)}{hint})"
 
 
 def check_mvtec_paths(root: str | Path, category: str) -> None:
