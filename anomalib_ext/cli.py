@@ -52,9 +52,14 @@ def shipped_configs() -> dict[str, Path]:
     return found
 
 
+# names that stand for a shipped config: the one to run on a part when nothing says which family suits it
+CONFIG_ALIASES = {"recommended": "fused/mvtec"}
+
+
 def _find_config(name: str) -> Path:
     configs = shipped_configs()
     key = name.removesuffix(".yaml")
+    key = CONFIG_ALIASES.get(key, key)
     if key not in configs:
         msg = f"no shipped config '{name}'; available: {', '.join(configs) or 'none'}"
         raise SystemExit(f"anomalib-ext config: error: {msg}")
@@ -68,9 +73,9 @@ def config_command(argv: list[str]) -> int:
         description="The configs shipped with anomalib-ext. Set data.init_args.root to your dataset before training.",
     )
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="list the shipped configs as <family>/<name>")
+    sub.add_parser("list", help="list the shipped configs as <family>/<name> ('recommended' is fused/mvtec)")
     show = sub.add_parser("show", help="print a config (redirect it to a file to edit it)")
-    show.add_argument("name", help="<family>/<name>, e.g. tile_outlier/mvtec")
+    show.add_argument("name", help="<family>/<name>, e.g. tile_outlier/mvtec, or recommended (fused/mvtec)")
     path = sub.add_parser("path", help="print where a shipped config lives (read-only inside site-packages)")
     path.add_argument("name")
     args = parser.parse_args(argv)

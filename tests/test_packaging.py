@@ -33,6 +33,8 @@ def test_config_list_names_every_shipped_config(capsys: pytest.CaptureFixture[st
 def test_config_show_prints_the_file_and_unknown_names_list_the_known(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.config_command(["show", "tile_outlier/mvtec"]) == 0
     assert capsys.readouterr().out == (REPO / "configs" / "tile_outlier" / "mvtec.yaml").read_text()
+    assert cli.config_command(["show", "recommended"]) == 0  # the README's first example
+    assert capsys.readouterr().out == (REPO / "configs" / "fused" / "mvtec.yaml").read_text()
     with pytest.raises(SystemExit, match="no shipped config 'tile_outlier/nope'.*tile_outlier/mvtec"):
         cli.config_command(["show", "tile_outlier/nope"])
 

@@ -11,56 +11,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.models.components import DynamicBufferMixin
 from anomalib.models.components.feature_extractors import dryrun_find_featuremap_dims
-from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_ext.models.components import GaussianBlur, InputNormalization, InputNormalizer, build_feature_extractor
-from anomalib_ext.models.components.sampling import greedy_coreset_indices, grouped_greedy_coreset_indices
-from anomalib_ext.models.components.tiling import TileGrid, paint_tile_scores, painting_operators
+from anomalib_ext.models.components import InputNormalization, InputNormalizer, build_feature_extractor
+from anomalib_ext.models.components.tile_scoring import TileOutlierScorer, build_tile_grid, normalise_and_join
 
 EMBED_MODES = ("pool", "crop")
-# the similarity given to padding outside the grid: below any cosine similarity, so never a nearest neighbour
-_OUTSIDE_GRID = -4.0
 
 
-def build_tile_grid(
-    image_size: tuple[int, int], num_parts: int | None, tile_size: int | None, stride: int | None
-) -> TileGrid:
-    """The grid from either ``num_parts`` or ``tile_size`` (+ ``stride``); exactly one must be given."""
-    if (num_parts is None) == (tile_size is None):
-        msg = f"give exactly one of num_parts or tile_size, got num_parts={num_parts}, tile_size={tile_size}"
-        raise ValueError(msg)
-    if num_parts is not None:
-        if stride is not None:
-            msg = "stride only applies with tile_size; num_parts tiles do not overlap"
-            raise ValueError(msg)
-        return TileGrid.from_num_parts(image_size, num_parts)
-    return TileGrid.from_tile_size(image_size, tile_size, stride)
-
-
-def neighbourhood_indices(shape: tuple[int, int], radius: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather indices of the position-aware search of radius ``r``, for offset indices ``d = (dy, dx)`` in
-    ``[0, 2r]^2`` (row-major, ``n = (2r + 1)^2`` of them), so the true offset is ``d - r``.
-
-    ``query_index[q * n + d]``: in the tile grid padded by ``r`` on each side, flattened, the tile ``q - (d - r)``
-    that bank position ``q`` is compared with. ``pick_index[p * n + d]``: in the ``(rows + 2r, cols + 2r, n)``
-    similarities (bank positions padded by ``r``), flattened, the one of tile ``p`` to bank position
-    ``p + (d - r)``. Two gathers instead of stacking ``n`` shifted grids (a slow Concat in OpenVINO).
-    """
-    rows, cols = shape
-    span = 2 * radius + 1
-    padded_cols = cols + 2 * radius
-    row, col, dy, dx = torch.meshgrid(
-        torch.arange(rows), torch.arange(cols), torch.arange(span), torch.arange(span), indexing="ij"
-    )
-    query_index = (row + 2 * radius - dy) * padded_cols + (col + 2 * radius - dx)
-    pick_index = ((row + dy) * padded_cols + (col + dx)) * span * span + dy * span + dx
-    return query_index.reshape(-1), pick_index.reshape(-1)
-
-
-class TileOutlierModel(DynamicBufferMixin, nn.Module):
+class TileOutlierModel(TileOutlierScorer):
     """Embed every tile, score it by ``1 - cosine`` similarity to its nearest normal tiles.
 
     Takes raw [0, 1] images; the backbone's input normalisation happens inside. The arguments without a default
@@ -92,61 +52,37 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
         map_sigma: float,
         tile_chunk: int = 256,
     ) -> None:
-        super().__init__()
         if embed not in EMBED_MODES:
             msg = f"embed must be one of {EMBED_MODES}, got '{embed}'"
             raise ValueError(msg)
-        for name, value in (
-            ("num_neighbors", num_neighbors),
-            ("max_bank_size", max_bank_size),
-            ("tile_chunk", tile_chunk),
-        ):
-            if not isinstance(value, int) or value <= 0:
-                msg = f"{name} must be a positive integer, got {value!r}"
-                raise ValueError(msg)
-        if not isinstance(neighborhood, int) or neighborhood < 0:
-            msg = f"neighborhood must be a non-negative integer, got {neighborhood!r}"
-            raise ValueError(msg)
-        if map_sigma < 0:
-            msg = f"map_sigma must be >= 0, got {map_sigma}"
-            raise ValueError(msg)
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.grid = build_tile_grid(self.image_size, num_parts, tile_size, stride)
+        size = (int(image_size[0]), int(image_size[1]))
+        grid = build_tile_grid(size, num_parts, tile_size, stride)
+        feature_extractor = build_feature_extractor(backbone, list(layers), pre_trained=pre_trained)
+        resolutions = None
+        if embed == "pool":
+            dims = dryrun_find_featuremap_dims(feature_extractor, size, list(layers))
+            resolutions = {layer: tuple(dims[layer]["resolution"]) for layer in layers}
+        super().__init__(
+            grid=grid,
+            layer_resolutions=resolutions,
+            position_aware=position_aware,
+            neighborhood=neighborhood,
+            num_neighbors=num_neighbors,
+            max_bank_size=max_bank_size,
+            map_sigma=map_sigma,
+            tile_chunk=tile_chunk,
+        )
+        self.image_size = size
         self.embed_mode = embed
         self.layers = list(layers)
-        self.position_aware = position_aware
-        self.neighborhood = neighborhood if position_aware else 0
-        self.num_neighbors = num_neighbors
-        self.max_bank_size = max_bank_size
-        self.tile_chunk = tile_chunk
         # replaces the backbone embedding (fastdup backend): a plain attribute, so never part of an export
         self.external_embedder: Callable[[torch.Tensor], torch.Tensor] | None = None
-
         self.normalize = InputNormalizer.for_backbone(backbone, input_normalization)
-        self.feature_extractor = build_feature_extractor(backbone, self.layers, pre_trained=pre_trained)
-        rows, cols = self.grid.shape
-        if embed == "pool":
-            dims = dryrun_find_featuremap_dims(self.feature_extractor, self.image_size, self.layers)
-            for index, layer in enumerate(self.layers):
-                row_pool, col_pool = self.grid.pooling_matrices(tuple(dims[layer]["resolution"]))
-                self.register_buffer(f"row_pool_{index}", row_pool, persistent=False)
-                self.register_buffer(f"col_pool_{index}", col_pool, persistent=False)
-        else:
+        self.feature_extractor = feature_extractor
+        if embed == "crop":
             sides = [end - start for start, end in (*self.grid.row_bands, *self.grid.col_bands)]
             self.crop_size = int(crop_size or max(sides))
             self.register_buffer("crop_grid", self._crop_sampling_grid(), persistent=False)
-        # painting and the map's Gaussian smoothing, folded into two matrices (left @ scores @ right)
-        paint_left, paint_right = painting_operators(self.grid, GaussianBlur(map_sigma, truncate=4.0))
-        self.register_buffer("paint_left", paint_left, persistent=False)
-        self.register_buffer("paint_right", paint_right, persistent=False)
-        query_index, pick_index = neighbourhood_indices(self.grid.shape, self.neighborhood)
-        self.register_buffer("query_index", query_index, persistent=False)
-        self.register_buffer("pick_index", pick_index, persistent=False)
-
-        # bank: (rows + 2r, cols + 2r, M, D) position-aware (zero padding outside the grid, kept so checkpoints
-        # keep their layout; scoring reads the inner grid only), else (M, D)
-        self.memory_bank: torch.Tensor
-        self.register_buffer("memory_bank", torch.empty(0))
 
     # ------------------------------------------------------------------------------------------ embedding
     def _crop_sampling_grid(self) -> torch.Tensor:
@@ -162,21 +98,8 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
                 grids.append(torch.stack((xx, yy), -1))
         return torch.cat(grids, 0)[None].float()
 
-    @staticmethod
-    def _normalise_and_join(per_layer: list[torch.Tensor]) -> torch.Tensor:
-        """L2-normalise each layer's embedding (so each counts equally), concatenate, normalise again."""
-        joined = torch.cat([F.normalize(embedding, dim=-1) for embedding in per_layer], -1)
-        return F.normalize(joined, dim=-1)
-
     def _embed_pool(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.feature_extractor(self.normalize(images))
-        per_layer = []
-        for index, layer in enumerate(self.layers):
-            row_pool = getattr(self, f"row_pool_{index}")
-            col_pool = getattr(self, f"col_pool_{index}")
-            pooled = row_pool @ features[layer] @ col_pool.T  # (B, C, rows, cols)
-            per_layer.append(pooled.permute(0, 2, 3, 1))
-        return self._normalise_and_join(per_layer)
+        return self.pool_tiles(self.feature_extractor(self.normalize(images)))
 
     def _embed_crop(self, images: torch.Tensor) -> torch.Tensor:
         batch = images.shape[0]
@@ -190,7 +113,7 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
             crops = crops.view(batch, images.shape[1], stop - start, crop, crop).transpose(1, 2)
             features = self.feature_extractor(self.normalize(crops.reshape(-1, images.shape[1], crop, crop)))
             per_layer = [features[layer].mean((2, 3)).view(batch, stop - start, -1) for layer in self.layers]
-            embeddings.append(self._normalise_and_join(per_layer))
+            embeddings.append(normalise_and_join(per_layer))
         return torch.cat(embeddings, 1).view(batch, rows, cols, -1)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -200,46 +123,9 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
         return self._embed_pool(images) if self.embed_mode == "pool" else self._embed_crop(images)
 
     # -------------------------------------------------------------------------------------------- scoring
-    def _top_similarities(self, similarities: torch.Tensor) -> torch.Tensor:
-        if self.num_neighbors == 1:  # a max is several times cheaper than a top-k in OpenVINO
-            return similarities.amax(-1, keepdim=True)
-        return similarities.topk(min(self.num_neighbors, similarities.shape[-1]), dim=-1).values
-
-    def tile_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """``(B, rows, cols)`` outlier scores: ``1 -`` mean cosine similarity of the ``k`` nearest bank tiles.
-
-        Position-aware, every bank position is read once per image: each bank position ``q`` is compared with
-        the ``(2r + 1)^2`` tiles ``q - d`` that look at it (one batched matmul over positions), and each tile then
-        picks up its best similarities from the bank positions ``p + d`` around it. Comparing each tile with its
-        neighbourhood's banks directly reads every bank position ``(2r + 1)^2`` times, and the exported graph
-        held that many copies of the bank (364 MB instead of 42 MB at the bottle config); the scores are the same.
-        """
-        batch, rows, cols, dim = embeddings.shape
-        if self.position_aware:
-            pad = self.neighborhood
-            offsets = (2 * pad + 1) ** 2
-            bank = self.memory_bank[pad : pad + rows, pad : pad + cols].reshape(rows * cols, -1, dim)  # (P, M, D)
-            padded = F.pad(embeddings, (0, 0, pad, pad, pad, pad)).reshape(batch, -1, dim)  # zero tiles outside
-            # queries[q, (b, d)] = the tile q - d: one gather (a stack of shifted grids ran OpenVINO's slow Concat)
-            queries = padded.index_select(1, self.query_index).reshape(batch, rows * cols, offsets, dim)
-            queries = queries.transpose(0, 1).reshape(rows * cols, batch * offsets, dim)
-            best = self._top_similarities(queries @ bank.transpose(1, 2))  # (P, B * offsets, k): one bank read
-            best = best.reshape(rows, cols, batch, offsets, -1).permute(2, 0, 1, 3, 4)  # (B, R, C, offsets, k)
-            # tile p finds its similarity to bank position p + d at offset index d; outside the grid: below any cosine
-            best = F.pad(best, (0, 0, 0, 0, pad, pad, pad, pad), value=_OUTSIDE_GRID).reshape(batch, -1, best.shape[-1])
-            nearest = best.index_select(1, self.pick_index).reshape(batch, rows, cols, -1)  # (B, R, C, offsets * k)
-            return 1 - self._top_similarities(nearest).mean(-1)
-        flat = embeddings.reshape(batch, rows * cols, dim)
-        chunks = []
-        for start in range(0, rows * cols, self.tile_chunk):  # fixed by the grid, not by the data
-            similarity = flat[:, start : start + self.tile_chunk] @ self.memory_bank.T
-            chunks.append(1 - self._top_similarities(similarity).mean(-1))
-        return torch.cat(chunks, 1).view(batch, rows, cols)
-
     def scores_to_batch(self, scores: torch.Tensor) -> InferenceBatch:
         """Paint tile scores back, smoothed (one pair of matrices); the image score is the highest tile."""
-        anomaly_map = paint_tile_scores(scores, self.paint_left, self.paint_right).unsqueeze(1)
-        return InferenceBatch(pred_score=scores.amax((1, 2)), anomaly_map=anomaly_map)
+        return InferenceBatch(pred_score=scores.amax((1, 2)), anomaly_map=self.paint(scores))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """Training: tile embeddings ``(B, rows, cols, D)`` for the bank. Eval: ``InferenceBatch``."""
@@ -250,32 +136,3 @@ class TileOutlierModel(DynamicBufferMixin, nn.Module):
             msg = "TileOutlier has an empty memory bank: fit it on normal images before inference"
             raise RuntimeError(msg)
         return self.scores_to_batch(self.tile_scores(embeddings))
-
-    # ---------------------------------------------------------------------------------------------- fitting
-    @torch.no_grad()
-    def fit(self, embeddings: torch.Tensor) -> None:
-        """Build the capped bank from ``(N, rows, cols, D)`` normal tile embeddings."""
-        if embeddings.ndim != 4 or tuple(embeddings.shape[1:3]) != self.grid.shape:
-            rows, cols = self.grid.shape
-            msg = f"expected (N, {rows}, {cols}, D) tile embeddings, got {tuple(embeddings.shape)}"
-            raise ValueError(msg)
-        count, rows, cols, dim = embeddings.shape
-        if self.position_aware:
-            per_position = max(1, self.max_bank_size // (rows * cols))
-            grouped = embeddings.permute(1, 2, 0, 3).reshape(rows * cols, count, dim)
-            picked = grouped_greedy_coreset_indices(grouped, per_position)  # (P, M)
-            bank = torch.gather(grouped, 1, picked[..., None].expand(-1, -1, dim)).view(rows, cols, -1, dim)
-            pad = self.neighborhood
-            self.memory_bank = F.pad(bank, (0, 0, 0, 0, pad, pad, pad, pad)).contiguous()
-        else:
-            flat = embeddings.reshape(-1, dim)
-            self.memory_bank = flat[greedy_coreset_indices(flat, self.max_bank_size)].contiguous()
-
-    @property
-    def bank_tiles(self) -> int:
-        """Number of real (non-padding) tiles in the bank."""
-        if self.memory_bank.numel() == 0:
-            return 0
-        if self.position_aware:
-            return self.grid.num_tiles * self.memory_bank.shape[2]
-        return self.memory_bank.shape[0]

@@ -1,0 +1,157 @@
+"""Fused: the recommended default. TileOutlier's tile-outlier map and Dfkdm's global density from one backbone pass,
+each standardised on held-out normal scores and fused into one image score.
+
+Fit-only, like its two halves: one pass over the normal training images collects tile embeddings (a capped
+reservoir, as TileOutlier) and pooled features (as Dfkdm), then the torch model's ``fit`` cross-fits both halves for
+held-out normal scores, standardises each on them and fits both on every image. Under DDP every rank first merges
+all ranks' data, so N devices fit the same model as one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule, MemoryBankMixin
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+from anomalib_ext.models.components import (
+    DEFAULT_BACKBONE,
+    DEFAULT_LAYERS,
+    DEFAULT_POOLED_LAYERS,
+    ExtModelMixin,
+    ImageSize,
+    gather_reservoir,
+    gather_rows,
+    image_metrics_evaluator,
+)
+from anomalib_ext.models.components.sampling import ReservoirSampler
+
+from .torch_model import FusedModel, Fusion
+
+logger = logging.getLogger(__name__)
+
+# tile embeddings kept while fitting (a uniform reservoir over images), as TileOutlier's ``max_fit_tiles``
+MAX_FIT_TILES = 400_000
+
+
+class Fused(ExtModelMixin, MemoryBankMixin, AnomalibModule):
+    """Tile outliers and a global feature density on one backbone pass, standardised and fused.
+
+    Args:
+        image_size: input size after the default pre-processor; fixes the tile grid (and the export size).
+        backbone: the offline timm backbone, run once per image for both halves.
+        tile_layers: layers whose feature maps are averaged over each tile (the tile-outlier half).
+        density_layers: layers whose globally pooled activations make the density's feature vector.
+        tile_size, stride: square tiles of ``tile_size`` pixels every ``stride`` pixels (at the pre-processed size).
+        max_bank_tiles: cap on the tile bank (a k-center coreset per grid position, as TileOutlier's
+            ``memory_bank.max_tiles``).
+        map_sigma: Gaussian smoothing of the painted tile map in pixels (0 = none).
+        fusion: ``mean`` of the two standardised scores (evidence from both adds up) or their ``max`` (either one
+            alone decides).
+        check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
+            bad one (``False`` skips the check).
+        pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
+    """
+
+    # INT8_PTQ quantises the backbone only: pooling, the tile search, the density and the fusion stay in float
+    int8_modules: ClassVar[tuple[str, ...]] = ("model.feature_extractor",)
+
+    def __init__(
+        self,
+        image_size: ImageSize = 256,
+        backbone: str = DEFAULT_BACKBONE,
+        tile_layers: Sequence[str] = DEFAULT_LAYERS,
+        density_layers: Sequence[str] = DEFAULT_POOLED_LAYERS,
+        tile_size: int = 32,
+        stride: int = 8,
+        max_bank_tiles: int = 13_456,
+        map_sigma: float = 4.0,
+        fusion: Fusion = "mean",
+        check_data: bool = True,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(image_size, check_data, pre_processor, post_processor, evaluator, visualizer)
+        self.model: FusedModel = FusedModel(
+            image_size=self.image_size,
+            backbone=backbone,
+            tile_layers=tile_layers,
+            density_layers=density_layers,
+            tile_size=tile_size,
+            stride=stride,
+            max_bank_tiles=max_bank_tiles,
+            map_sigma=map_sigma,
+            fusion=fusion,
+        )
+        self._reset_collected()
+
+    def _reset_collected(self) -> None:
+        self._tiles = ReservoirSampler(max(1, MAX_FIT_TILES // self.model.tiles.grid.num_tiles))
+        self._features: list[torch.Tensor] = []
+        self._image_paths: list[str] | None = []  # of the collected features (None: some batch had none)
+
+    # ------------------------------------------------------------------------------------------ components
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC and F1 and pixel AUROC."""
+        return image_metrics_evaluator()
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """Nothing to optimise: the bank and the density are fitted, not trained."""
+        return
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """One pass, no gradients, no sanity check (nothing is fitted before the first epoch)."""
+        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        return LearningType.ONE_CLASS
+
+    # ------------------------------------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        """Each epoch sees the same images: collect them once per epoch."""
+        self._reset_collected()
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One backbone pass: tile embeddings into the reservoir, pooled features into the list."""
+        del args, kwargs
+        with torch.no_grad():
+            tile_embeddings, global_features = self.model.extract(batch.image)
+        paths = None if batch.image_path is None else [str(path) for path in batch.image_path]
+        # ids: DDP's padding repeats of an image count once when the ranks merge
+        self._tiles.add(tile_embeddings.cpu(), ids=paths)
+        self._features.append(global_features.cpu())
+        self._image_paths = None if self._image_paths is None or paths is None else [*self._image_paths, *paths]
+        return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
+
+    def fit(self) -> None:
+        """Merge every rank's collected data, then fit the torch model (called by ``MemoryBankMixin``)."""
+        if not self._features:
+            msg = "Fused has no training features to fit: run training (engine.fit) first"
+            raise RuntimeError(msg)
+        merged = gather_reservoir(self._tiles, self.device)
+        assert merged is not None  # the local reservoir is never None
+        features, _ = gather_rows(torch.cat(self._features), self._image_paths, self.device)
+        tile_embeddings = merged.samples().to(self.device)
+        logger.info(
+            "Fused: fitting on %d images (tiles of %d images x %d)",
+            len(features),
+            len(tile_embeddings),
+            self.model.tiles.grid.num_tiles,
+        )
+        self.model.fit(tile_embeddings, features.to(self.device))
+        self._reset_collected()
