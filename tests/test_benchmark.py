@@ -273,6 +273,59 @@ def test_studies_expand_cells() -> None:
     assert augmented[0]["train_views"] == 1 and augmented[1]["train_views"] == 4
     scaled, _ = studies.expand("scaling", datasets, models, {"train_counts": [4, 8]})
     assert [(d["label"], d["train_images"]) for d in scaled] == [("d@4", 4), ("d@8", 8)]
+    cut, _ = studies.expand("fewshot", datasets, models, {"train_counts": [0, 10]})
+    assert [(d["label"], d["fewshot_normals"], d["scaling_of"]) for d in cut] == [("d@all", 0, "d"), ("d@10", 10, "d")]
+    with pytest.raises(ValueError, match="MVTec or folder"):
+        studies.expand("fewshot", [{**datasets[0], "kind": "dice"}], models, {"train_counts": [10]})
+
+
+def test_fewshot_study_cuts_the_normals_with_the_seed_before_the_validation_split(mvtec_root: Path) -> None:
+    """Each seed draws its own N normals; anomalib's split then holds out a fifth of those N; the test set stays."""
+    from benchmarking.builders import build_datamodule
+    from benchmarking.cell import setup_datamodule
+
+    def split(count: int, seed: int) -> tuple[set[str], set[str], set[str]]:
+        dataset = {"label": "d", "kind": "mvtec", "path": str(mvtec_root / "synthetic"), "options": {}}
+        [cut], _ = studies.expand("fewshot", [dataset], [], {"train_counts": [count]})
+        datamodule = build_datamodule(cut, seed, 8)
+        setup_datamodule(datamodule, seed, {}, cut)
+        val_normals = datamodule.val_data.samples
+        val_normals = val_normals[val_normals.label_index == 0]
+        return tuple(  # type: ignore[return-value]
+            {Path(path).name for path in table.image_path}
+            for table in (datamodule.train_data.samples, val_normals, datamodule.test_data.samples)
+        )
+
+    full_train, full_val, full_test = split(0, 0)
+    assert len(full_train) + len(full_val) > 20  # count 0: every normal (32 here)
+    train, val, test = split(10, 0)
+    # cut first, split second: 10 normals in all, 8 to train and 2 held out (1 normal + 1 turned synthetic)
+    assert (len(train), len(val)) == (8, 1)
+    assert train.isdisjoint(val)
+    assert test == full_test
+    assert split(10, 0)[0] == train  # the same seed draws the same normals
+    other_train, other_val, _ = split(10, 1)
+    assert other_train | other_val != train | val  # another seed, another draw (10 of 32 normals)
+
+
+def test_fewshot_study_reports_each_count_against_full_data(mvtec_root: Path, tmp_path: Path) -> None:
+    """Through the benchmark command: one cell per count, labelled <dataset>@N and @all, and the study's table."""
+    out = tmp_path / "fewshot"
+    completed = run_benchmark(
+        *("--dataset", f"d={mvtec_root / 'synthetic'}", "--model", "dfm", "--study", "fewshot"),
+        *("--train-counts", "10", "0", "--no-openvino", "--visuals", "0", "--speed-images", "2", "--out", str(out)),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = {row["dataset"]: row for row in csv.DictReader((out / "results.csv").open())}
+    assert sorted(rows) == ["d@10", "d@all"]
+    assert int(rows["d@10"]["n_train"]) + int(rows["d@10"]["n_val"]) == 10
+    assert int(rows["d@all"]["n_train"]) + int(rows["d@all"]["n_val"]) == 32
+    section = (out / "results.md").read_text().split("## Study: few training normals")[1]
+    # 12 of 20 test images are anomalous: flagging every one scores F1 2 * 0.6 / 1.6 = 0.750
+    assert "| d | dfm | 10 | 1 | 8 / 2 |" in section and "| 0.750 |" in section
+    assert "| d | dfm | all | 1 | 26 / 6 |" in section
+    few = next(line for line in section.splitlines() if line.startswith("| d | dfm | 10 |"))
+    assert few.count(" (+") + few.count(" (-") == 3  # each figure's change from the full-data one
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -129,3 +129,22 @@ def test_without_normal_validation_images_the_f1_threshold_stays() -> None:
     assert all(np.isnan(v) for v in (float(b) for b in window.compute()))
     nan = torch.tensor(float("nan"))
     assert float(clamp_threshold(torch.tensor(2.0), nan, nan)) == 2.0
+
+
+def test_normalised_scores_keep_their_order_outside_the_validation_range() -> None:
+    """anomalib clamps normalised scores to [0, 1] around the validation min/max: with a tiny validation split many
+    test scores tie at 0 or 1 and the printed AUROC drops (issue 23). Ours stay strictly ordered, in (0, 1), with
+    0.5 at the threshold (labels unchanged)."""
+    from anomalib_ext.models.components import RobustThresholdPostProcessor
+
+    norm_min, norm_max, threshold = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(1.5)
+    scores = torch.tensor([-50.0, 0.0, 0.9, 1.4, 1.5, 1.6, 2.1, 3.0, 40.0, 4000.0])
+    normalised = RobustThresholdPostProcessor._normalize(scores, norm_min, norm_max, threshold)
+    assert torch.all(normalised[1:] > normalised[:-1])  # anomalib's clamp ties the first two and the last four
+    assert torch.all((normalised > 0) & (normalised < 1))
+    assert float(normalised[4]) == 0.5
+    assert torch.equal(normalised >= 0.5, scores >= threshold)
+    # same slope as anomalib's linear map at the threshold
+    step = 1e-3
+    slope = (RobustThresholdPostProcessor._normalize(threshold + step, norm_min, norm_max, threshold) - 0.5) / step
+    assert abs(float(slope) - 1.0 / float(norm_max - norm_min)) < 1e-2

@@ -4,7 +4,7 @@ Every (dataset, model, seed) run is a cell in its own process with a time limit;
 at once, so a long run can be stopped and resumed (``--resume DIR``) and a failing or hung model is recorded
 with its error while the others continue (the exit status is then 1). Every dataset is checked file by file
 before the first cell runs, so a bad image is named at once instead of failing each cell. Studies
-(``--study sessions|augmentation|scaling|lighting``) run on the same cells. See ``docs/benchmark.md``.
+(``--study sessions|augmentation|scaling|fewshot|lighting``) run on the same cells. See ``docs/benchmark.md``.
 
 Examples::
 
@@ -131,7 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speed-only", action="store_true", help="fit, then time torch/OpenVINO; no test metrics")
     parser.add_argument("--study", choices=sorted(studies.STUDIES), help="a named study on the same cells")
     parser.add_argument(
-        "--train-counts", type=int, nargs="+", default=[], help="--study scaling: training-set sizes, one cell each"
+        "--train-counts",
+        type=int,
+        nargs="+",
+        default=[],
+        help="--study scaling: training-set sizes; --study fewshot: training normals (0 = all); one cell each",
     )
     parser.add_argument(
         "--augmented-views", type=int, default=8, help="--study augmentation: views per training image (default 8)"
@@ -175,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--val-split same_as_test has no synthetic validation to re-draw: drop --val-draws")
     if args.study == "scaling" and (not args.train_counts or min(args.train_counts) < 1):
         parser.error("--study scaling needs --train-counts N [N ...] (positive training-set sizes)")
+    if args.study == "fewshot" and (not args.train_counts or min(args.train_counts) < 0):
+        parser.error("--study fewshot needs --train-counts N [N ...] (training normals; 0 = all of them)")
     if args.augmented_views < 1:
         parser.error(f"--augmented-views must be positive, got {args.augmented_views}")
     precisions = [name.strip().lower() for name in args.export_precision.split(",") if name.strip()]
@@ -232,7 +238,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "val_draws": args.val_draws,
         "speed_only": args.speed_only,
         "study": args.study,
-        "train_counts": sorted(args.train_counts) if args.study == "scaling" else [],
+        "train_counts": sorted(args.train_counts) if args.study in ("scaling", "fewshot") else [],
         "augmented_views": args.augmented_views if args.study == "augmentation" else None,
         "histaugan_minutes": args.histaugan_minutes if args.study == "lighting" else None,
         "devices": args.devices,

@@ -21,7 +21,7 @@ from typing import Any
 from benchmarking import speed
 from benchmarking.builders import build_datamodule, build_model
 from benchmarking.measures import cpu_seconds, evaluate, first_test_images, peak_rss_mb
-from benchmarking.studies import augmentation, lighting, scaling, sessions
+from benchmarking.studies import augmentation, fewshot, lighting, scaling, sessions
 
 
 class CellRecord:
@@ -43,7 +43,8 @@ class CellRecord:
 
 def setup_datamodule(datamodule, draw_seed: int, model_spec: dict[str, Any], dataset: dict[str, Any]) -> None:  # noqa: ANN001
     """Set the datamodule up now (Engine.fit reuses it): synthetic anomalies are drawn from the global generators
-    seeded with ``draw_seed``; a study's training-set changes (augmented views, a train size) are applied here.
+    seeded with ``draw_seed``; a study's training-set changes (augmented views, a train size, few normals) are
+    applied here.
     """
     from lightning.pytorch import seed_everything
     from lightning.pytorch.trainer.states import TrainerFn
@@ -52,6 +53,7 @@ def setup_datamodule(datamodule, draw_seed: int, model_spec: dict[str, Any], dat
 
     augmentation.apply_before_setup(datamodule, model_spec)
     lighting.apply_before_setup(datamodule, model_spec)
+    fewshot.apply_before_setup(datamodule, dataset)  # cuts the normals before anomalib's validation split
     seed_everything(draw_seed, workers=True, verbose=False)
     datamodule.setup(TrainerFn.FITTING)
     mark_drawn_with_seed(datamodule, draw_seed)  # our models keep this draw (they would redraw an unseeded one)

@@ -11,7 +11,8 @@ from the data (so every far anomaly gets the same score) and only knows Scott's 
 - ``GaussianDensity`` is the single-Gaussian alternative (Mahalanobis distance plus normaliser);
 - ``FeatureDensity`` chains them, fits on a capped random sample (fit cost stays bounded) and turns the
   log density into an anomaly score (negative log density), optionally calibrated to [0, 1]; with
-  ``residual=True`` it also scores the residual outside the kept PCA components (probabilistic PCA).
+  ``residual=True`` it also scores the residual outside the kept PCA components (probabilistic PCA); with no
+  more points than dimensions it shrinks the covariance (Ledoit-Wolf), which is otherwise singular.
 
 Fitting may use any Python; ``forward`` uses only tensor operations with shapes fixed at fit time.
 """
@@ -37,6 +38,9 @@ DENSITY_KINDS: tuple[str, ...] = ("kde", "gaussian")
 _EPS = 1e-6  # floor for norms and standard deviations: constant inputs must not divide by zero
 MAX_SCORE = 1e30  # finite cap on the negative log density
 _RIDGE = 1e-9  # ridge on covariances (relative, plus the same absolute): constant features stay invertible
+# fewer fit points than this many per feature dimension: the covariance is shrunk (Ledoit-Wolf), because the
+# sample covariance of n <= d points is singular and its small eigenvalues are far too small
+SHRINK_BELOW_POINTS_PER_DIM = 1.0
 
 
 def _check_points(points: torch.Tensor, name: str, min_points: int = 1) -> None:
@@ -55,6 +59,43 @@ def covariance(points: torch.Tensor) -> torch.Tensor:
     """Unbiased covariance of (n, d) points (as numpy/scipy compute it), 0 for a single point."""
     centred = points - points.mean(dim=0, keepdim=True)
     return centred.T @ centred / max(points.shape[0] - 1, 1)
+
+
+def ledoit_wolf_shrinkage(points: torch.Tensor) -> float:
+    """Ledoit-Wolf's shrinkage intensity in [0, 1] for the covariance of (n, d) points, towards ``mu * I``.
+
+    The same estimate as ``sklearn.covariance.ledoit_wolf_shrinkage``: close to 0 when the points pin the
+    covariance down (many more points than dimensions), close to 1 when they do not. With fewer points than
+    dimensions the sample covariance is singular and its smallest non-zero eigenvalues are far too small, so a
+    Mahalanobis distance built on it is dominated by the directions the few points happened to miss.
+    """
+    centred = points.double() - points.double().mean(dim=0, keepdim=True)
+    num_points, dim = centred.shape
+    if num_points < 2:
+        return 1.0
+    squared = centred.pow(2)
+    trace = squared.sum() / num_points  # trace of the (biased) sample covariance
+    mu = trace / dim
+    gram = centred @ centred.T  # sum((X^T X)^2) == sum((X X^T)^2): n x n is the cheaper side when n < d
+    delta_sum = gram.pow(2).sum() / num_points**2
+    beta_sum = squared.sum(dim=1).pow(2).sum()
+    beta = (beta_sum / num_points - delta_sum) / (dim * num_points)
+    delta = (delta_sum - 2.0 * mu * trace + dim * mu**2) / dim
+    beta = torch.minimum(beta, delta)
+    return 0.0 if float(delta) <= 0.0 else float((beta / delta).clamp(0.0, 1.0))
+
+
+def shrunk_covariance(
+    points: torch.Tensor, shrinkage: float = 0.0, target_variance: float | None = None
+) -> torch.Tensor:
+    """``(1 - shrinkage) * cov + shrinkage * target_variance * I`` (the target defaults to the mean variance)."""
+    cov = covariance(points)
+    if shrinkage <= 0.0:
+        return cov
+    if target_variance is None:
+        target_variance = float(torch.diagonal(cov).mean())
+    identity = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return (1.0 - shrinkage) * cov + shrinkage * target_variance * identity
 
 
 def _regularised_cholesky(cov: torch.Tensor) -> torch.Tensor:
@@ -183,6 +224,7 @@ class PrincipalComponents(DynamicBufferMixin):
         self.components: torch.Tensor
         self.residual_variance: torch.Tensor
         self.residual_dim: torch.Tensor
+        self.target_variance = 1.0  # mean variance of the projected block at the last fit (shrinkage target)
 
     @property
     def _keeps_fraction(self) -> bool:
@@ -203,7 +245,9 @@ class PrincipalComponents(DynamicBufferMixin):
             keep = min(keep, max(rank - 1, 1), projected_dim - 1)
         return max(keep, 1)
 
-    def fit(self, features: torch.Tensor) -> None:
+    def fit(self, features: torch.Tensor, shrinkage: float = 0.0) -> None:
+        """Fit on (n, d) features. ``shrinkage`` (Ledoit-Wolf's intensity) pulls the residual variance sigma^2
+        towards the mean variance ``target_variance``, as the shrunk covariance's discarded eigenvalues are."""
         _check_points(features, "PrincipalComponents.fit")
         num_points, dim = features.shape
         if self.passthrough >= dim:
@@ -213,11 +257,13 @@ class PrincipalComponents(DynamicBufferMixin):
         mean = features.mean(dim=0)
         residual_variance = torch.ones((), dtype=features.dtype, device=features.device)
         residual_dim = 0
+        centred_all = (features[:, :projected_dim] - mean[:projected_dim]).double()
+        # mean variance of the projected block: the shrinkage target (trace / d is invariant under rotation)
+        self.target_variance = float(centred_all.pow(2).sum() / max(num_points - 1, 1) / projected_dim)
         if self.n_components <= 0:
             components = torch.eye(projected_dim, dtype=features.dtype, device=features.device)
         else:
-            centred = (features[:, :projected_dim] - mean[:projected_dim]).double()
-            _, singular_values, v_h = torch.linalg.svd(centred, full_matrices=False)
+            _, singular_values, v_h = torch.linalg.svd(centred_all, full_matrices=False)
             variances = singular_values.pow(2) / max(num_points - 1, 1)  # eigenvalues of the covariance
             keep = self._num_kept(variances, projected_dim, num_points)
             components = v_h[:keep].T.to(features.dtype)
@@ -228,6 +274,7 @@ class PrincipalComponents(DynamicBufferMixin):
                 # features stay finite
                 total = variances.sum()
                 discarded = (total - variances[:keep].sum()).clamp_min(0.0) / residual_dim
+                discarded = (1.0 - shrinkage) * discarded + shrinkage * self.target_variance
                 floor = _RIDGE * (total / projected_dim + 1.0)
                 residual_variance = discarded.clamp_min(floor).to(features.dtype)
         # one block-diagonal matrix: projection for the first block, identity for the passthrough block
@@ -286,12 +333,13 @@ class GaussianKde(DynamicBufferMixin):
         self.factor: torch.Tensor
         self.log_normalizer: torch.Tensor
 
-    def fit(self, points: torch.Tensor) -> None:
+    def fit(self, points: torch.Tensor, shrinkage: float = 0.0, target_variance: float | None = None) -> None:
+        """Fit on (n, d) points; the kernel covariance is shrunk as in ``shrunk_covariance`` when asked."""
         _check_points(points, "GaussianKde.fit", min_points=2)
         dtype = points.dtype
         data = points.double()
         num_points, dim = data.shape
-        cholesky = _regularised_cholesky(covariance(data))
+        cholesky = _regularised_cholesky(shrunk_covariance(data, shrinkage, target_variance))
         eye = torch.eye(dim, dtype=data.dtype, device=data.device)
         whitening = torch.linalg.solve_triangular(cholesky, eye, upper=False).T  # x @ whitening ~ N(0, I)
         whitened = data @ whitening
@@ -343,12 +391,13 @@ class GaussianDensity(DynamicBufferMixin):
         self.whitening: torch.Tensor
         self.log_normalizer: torch.Tensor
 
-    def fit(self, points: torch.Tensor) -> None:
+    def fit(self, points: torch.Tensor, shrinkage: float = 0.0, target_variance: float | None = None) -> None:
+        """Fit on (n, d) points; the covariance is shrunk as in ``shrunk_covariance`` when asked."""
         _check_points(points, "GaussianDensity.fit", min_points=2)
         dtype = points.dtype
         data = points.double()
         dim = data.shape[1]
-        cholesky = _regularised_cholesky(covariance(data))
+        cholesky = _regularised_cholesky(shrunk_covariance(data, shrinkage, target_variance))
         eye = torch.eye(dim, dtype=data.dtype, device=data.device)
         self.mean = data.mean(dim=0).to(dtype)
         self.whitening = torch.linalg.solve_triangular(cholesky, eye, upper=False).T.to(dtype)
@@ -371,6 +420,11 @@ class FeatureDensity(DynamicBufferMixin):
     log(2 pi sigma^2). With ``density="gaussian"`` that is the probabilistic-PCA likelihood (in-subspace
     Mahalanobis distance + residual / sigma^2); with ``density="kde"`` a KDE in the subspace times the same
     Gaussian across it. The passthrough features are never projected away, so they add no residual.
+
+    With no more fit points than feature dimensions (a few dozen normal images, hundreds of pooled channels) the
+    sample covariance is singular and its small eigenvalues are far too small: the fit then shrinks it towards its
+    mean variance with Ledoit-Wolf's intensity (``shrinkage``), in the subspace density and in sigma^2 alike, so
+    the density is well-posed whatever the count. With more points than dimensions nothing changes.
 
     ``calibrated_score`` maps that score to [0, 1] with a logistic curve centred on the median score of the
     normal fit points (leave-one-out for the KDE, so a point does not explain itself) and scaled by their
@@ -412,6 +466,8 @@ class FeatureDensity(DynamicBufferMixin):
         self.register_buffer("score_scale", torch.ones(()))
         self.score_center: torch.Tensor
         self.score_scale: torch.Tensor
+        # what the last fit saw and did: ``shrinkage`` > 0 when the points were no more than the dimensions
+        self.fit_points, self.fit_dims, self.shrinkage, self.shrunk = 0, 0, 0.0, False
 
     def fit(self, features: torch.Tensor) -> int:
         """Fit on at most ``max_training_points`` rows drawn at random (seeded); returns how many were used."""
@@ -423,9 +479,13 @@ class FeatureDensity(DynamicBufferMixin):
         features = features.float()
         self.scaler.fit(features)
         scaled = self.scaler(features)
-        self.pca.fit(scaled)
+        self.fit_points, self.fit_dims = scaled.shape
+        too_few = self.fit_points <= SHRINK_BELOW_POINTS_PER_DIM * self.fit_dims
+        self.shrunk = bool(too_few)
+        self.shrinkage = ledoit_wolf_shrinkage(scaled) if too_few else 0.0
+        self.pca.fit(scaled, shrinkage=self.shrinkage)
         projected = self.pca(scaled)
-        self.estimator.fit(projected)
+        self.estimator.fit(projected, shrinkage=self.shrinkage, target_variance=self.pca.target_variance)
         if isinstance(self.estimator, GaussianKde):
             normal_scores = -self.estimator.leave_one_out_log_density()
         else:

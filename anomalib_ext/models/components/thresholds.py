@@ -20,6 +20,9 @@ With synthetic anomalies that score unlike anything seen, the threshold is thus 
 alone (``upper`` or ``lower``); when they resemble real defects, the F1-optimal threshold usually lies in the
 window and is kept. See ``docs/thresholds.md`` for the reasoning and the limits.
 
+A model trained from one good image has no validation normals: ``threshold_from_normal_variations`` sets its
+threshold from held-out variations of that image instead (Tukey's fence, ``tukey_fence``).
+
 The threshold is the post-processor's ``_image_threshold`` buffer, as in anomalib: normalisation (score 0.5 at the
 threshold), ``pred_label``, checkpoints and the exported OpenVINO graph all use it. The F1-optimal value and the
 window stay available (``f1_optimal_image_threshold``, ``normal_score_window``) for reports comparing both rules;
@@ -38,6 +41,8 @@ from torchmetrics.utilities import dim_zero_cat
 
 NORMAL_QUANTILE = 0.9
 MARGIN = 0.5
+# Tukey's outlier fence: q75 + TUKEY_K * (q75 - q25), the textbook rule (Tukey 1977), not a figure tuned here
+TUKEY_K = 1.5
 
 
 class NormalScoreWindow(Metric):
@@ -76,6 +81,13 @@ class NormalScoreWindow(Metric):
         return lower, upper
 
 
+def tukey_fence(scores: torch.Tensor) -> torch.Tensor:
+    """``q75 + 1.5 * (q75 - q25)`` of ``scores``: above it a score is an outlier among them, whatever up to a quarter
+    of them look like."""
+    q25, q75 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
+    return q75 + TUKEY_K * (q75 - q25)
+
+
 def clamp_threshold(f1_optimal: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """``min(max(f1_optimal, lower), upper)``; a NaN bound (no normal validation image) leaves that side free."""
     threshold = torch.where(torch.isnan(lower) | (f1_optimal >= lower), f1_optimal, lower)
@@ -105,6 +117,32 @@ class RobustThresholdPostProcessor(PostProcessor):
     @property
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
         return (*super()._checkpoint_config_keys, "normal_quantile", "margin")
+
+    @staticmethod
+    def _normalize(
+        preds: torch.Tensor | None, norm_min: torch.Tensor, norm_max: torch.Tensor, threshold: torch.Tensor
+    ) -> torch.Tensor | None:
+        """anomalib's normalisation (0.5 at the threshold, slope ``1 / (max - min)`` there) without its clamp.
+
+        anomalib maps ``(score - threshold) / (max - min) + 0.5`` and clamps it to [0, 1], with min and max from the
+        validation split. With few normals that split holds a handful of images, many test scores fall outside
+        their range and tie at 0 or 1, and the AUROC that ``anomalib train`` prints (computed on these scores) drops:
+        in the few-normals study 37 of 100 cells printed an image AUROC more than 0.01 below the raw scores' (bottle
+        at 10 normals: 0.925 instead of 0.998; magnetic tile: 0.504 instead of 0.713). Here a softsign,
+        ``0.5 + 0.5 t / (1 + |t|)`` with ``t = 2 (score - threshold) / (max - min)``, keeps the same value and slope
+        at the threshold and stays in (0, 1), but is strictly increasing: labels are unchanged, the printed AUROC is
+        the raw scores' AUROC, and maps keep their order too. Values away from the threshold are squashed more
+        gently than clamped (a score at the validation maximum reads about 0.8 instead of 1).
+        """
+        if preds is None:
+            return preds
+        threshold = torch.where(torch.isnan(threshold), (norm_max + norm_min) / 2, threshold)
+        value_range = norm_max - norm_min
+        safe_range = torch.where(value_range > 0, value_range, torch.ones_like(value_range))
+        scaled = 2 * (preds - threshold) / safe_range
+        normalized = 0.5 + 0.5 * scaled / (1 + scaled.abs())
+        has_range = ~torch.isnan(norm_min) & ~torch.isnan(norm_max)
+        return torch.where(has_range, normalized, preds)
 
     # held once, by the window metric that uses them (a checkpoint's config sets them through these)
     @property
@@ -155,3 +193,140 @@ class RobustThresholdPostProcessor(PostProcessor):
         self.normal_score_upper.copy_(upper)
         if not torch.isnan(f1_optimal):
             self._image_threshold.copy_(clamp_threshold(f1_optimal, lower.to(f1_optimal), upper.to(f1_optimal)))
+
+    def threshold_from_normal_variations(
+        self, scores: torch.Tensor, anomaly_maps: torch.Tensor | None = None, normalise: bool = False
+    ) -> None:
+        """Image threshold = Tukey's outlier fence over normal images a model made itself (no validation needed).
+
+        For a model trained from one good image (TeacherStudent's single-template mode): ``scores`` (and maps) of
+        held-out variations of that image. ``threshold = q75 + 1.5 * (q75 - q25)``: a score is anomalous when it is
+        an outlier among them by the textbook rule. Not the window of validation normals: a minority of the
+        variations (the augmentation's extreme draws, e.g. a zoom-out and shift whose reflection-padded border no
+        real image has) score like defects, and the window's bounds, its 90 % quantile and maximum, sit among them;
+        the quartiles ignore up to a quarter of such draws. The inner fence (1.5), not the far-out one (3): a
+        threshold too high is what leaves F1 below flagging everything (``docs/thresholds.md``, "One good image").
+        The min/max normalisation comes from the same images with ``normalise`` (no validation ran this epoch) or
+        where no validation ever set it (NaN), so scores are still 0.5 at the threshold. The F1-optimal value and
+        the normal-score window of a validation, if any, are left as they are: reports compare them.
+        """
+        scores = scores.detach().flatten().float().to(self._image_threshold.device)
+        scores = scores[torch.isfinite(scores)]
+        if scores.numel() == 0:
+            msg = "threshold_from_normal_variations: no finite score"
+            raise ValueError(msg)
+        self._image_threshold.copy_(tukey_fence(scores))
+        if normalise or bool(torch.isnan(self.image_min) | torch.isnan(self.image_max)):
+            self.image_min.copy_(scores.min())
+            self.image_max.copy_(scores.max())
+        if anomaly_maps is not None and (normalise or bool(torch.isnan(self.pixel_min) | torch.isnan(self.pixel_max))):
+            maps = anomaly_maps.detach().float().to(self.pixel_min.device)
+            self.pixel_min.copy_(maps.min())
+            self.pixel_max.copy_(maps.max())
+
+
+# ------------------------------------------------------------------------------ recalibration under a new condition
+# Fewer normal images of a new condition than this give no threshold: it rests on their maximum and median, and a
+# new normal image scores above the maximum of N others with probability 1 / (N + 1), over 1 in 6 below 5 images.
+MIN_RECALIBRATION_NORMALS = 5
+POST_PROCESSOR_BUFFERS = ("_image_threshold", "_pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
+
+
+def normal_upper_bound(scores: torch.Tensor, margin: float = MARGIN) -> torch.Tensor:
+    """``max + margin * (max - median)`` of normal ``scores``: the upper end of ``NormalScoreWindow``."""
+    top, median = scores.max(), scores.median()
+    return top + margin * (top - median)
+
+
+def _carry_range(
+    old_min: torch.Tensor,
+    old_threshold: torch.Tensor,
+    old_max: torch.Tensor,
+    new_min: torch.Tensor,
+    new_threshold: torch.Tensor,
+) -> torch.Tensor:
+    """The new normalisation maximum: the affine map taking the old minimum and threshold to the new ones, applied
+    to the old maximum (a change of gain and offset leaves every normalised score where it was). Without a usable
+    old range, as far above the threshold as the minimum is below it."""
+    old_span = old_threshold - old_min
+    if bool(torch.isfinite(old_span) & torch.isfinite(old_max)) and float(old_span) > 0:
+        return new_threshold + (new_threshold - new_min) / old_span * (old_max - old_threshold)
+    return new_threshold + (new_threshold - new_min)
+
+
+def recalibrate_thresholds(
+    post_processor: PostProcessor,
+    normal_scores: torch.Tensor,
+    map_maxima: torch.Tensor | None = None,
+    map_minimum: torch.Tensor | float | None = None,
+    margin: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """Set a post-processor's thresholds and normalisation from normal images of a new condition alone.
+
+    For a trained model whose scores moved with the light (or camera, exposure): ``normal_scores`` are its raw image
+    scores of at least ``MIN_RECALIBRATION_NORMALS`` normal images of the new condition; ``map_maxima`` and
+    ``map_minimum`` the highest value of each one's raw anomaly map and the lowest value of all of them (models with
+    a map). No anomaly of the new condition is known, so the threshold is the upper end of the normal-score window,
+    ``max + margin * (max - median)`` (``margin``: the post-processor's own, else 0.5): no new normal is flagged,
+    and a defect that scores above every normal is. Not the window's 90 % quantile: from ~10 images it flags 10-20 %
+    of normals, which on a line with few defects costs more F1 than a defect just above the normals.
+
+    - image: ``_image_threshold`` as above; ``image_min`` the normals' lowest score, ``image_max`` carried over by the
+      affine map taking the old (min, threshold) to the new (``_carry_range``), so normalised scores keep their scale.
+    - pixel (only with the map arguments, and where the model had a pixel threshold): the same rule on each normal
+      image's highest map value, so no pixel of a normal image is in ``pred_mask`` (the old pixel threshold, F1-optimal
+      on validation masks, sat lower inside the defects: masks are tighter); ``pixel_min``/``pixel_max`` as above.
+      A pixel threshold left NaN (anomalib's threshold matching: the image threshold) stays NaN and follows it.
+
+    Returns the buffers before and after (``{"before": {...}, "after": {...}}``, floats, NaN where unset). Raises
+    ``ValueError`` for fewer finite scores than ``MIN_RECALIBRATION_NORMALS`` or disabled thresholding.
+    """
+    if not isinstance(post_processor, PostProcessor):
+        msg = f"the model's post-processor ({type(post_processor).__name__}) is not anomalib's PostProcessor"
+        raise ValueError(msg)  # noqa: TRY004  (the caller reports one kind of error)
+    if not post_processor.enable_thresholding:
+        msg = "the model's post-processor has thresholding disabled: there is no threshold to recalibrate"
+        raise ValueError(msg)
+    device = post_processor._image_threshold.device  # noqa: SLF001
+    scores = normal_scores.detach().flatten().float().to(device)
+    scores = scores[torch.isfinite(scores)]
+    if scores.numel() < MIN_RECALIBRATION_NORMALS:
+        msg = (
+            f"{scores.numel()} normal image score(s); recalibration needs at least {MIN_RECALIBRATION_NORMALS} "
+            "(the threshold rests on their maximum and median)"
+        )
+        raise ValueError(msg)
+    if margin is None:
+        margin = float(getattr(post_processor, "margin", MARGIN))
+    if margin < 0:
+        msg = f"margin must be >= 0, got {margin}"
+        raise ValueError(msg)
+    buffers = {name: getattr(post_processor, name) for name in POST_PROCESSOR_BUFFERS}
+    before = {name: float(value) for name, value in buffers.items()}
+    old_image_threshold = post_processor.image_threshold.clone()
+    old_pixel_threshold = post_processor.pixel_threshold.clone()
+
+    image_threshold = normal_upper_bound(scores, margin)
+    image_min = scores.min()
+    image_max = _carry_range(
+        buffers["image_min"], old_image_threshold, buffers["image_max"], image_min, image_threshold
+    )
+    buffers["_image_threshold"].copy_(image_threshold)
+    buffers["image_min"].copy_(image_min)
+    buffers["image_max"].copy_(image_max)
+
+    if map_maxima is not None and map_minimum is not None and not bool(torch.isnan(old_pixel_threshold)):
+        maxima = map_maxima.detach().flatten().float().to(device)
+        maxima = maxima[torch.isfinite(maxima)]
+        if maxima.numel() >= MIN_RECALIBRATION_NORMALS:
+            own_pixel_threshold = not bool(torch.isnan(buffers["_pixel_threshold"]))
+            pixel_threshold = normal_upper_bound(maxima, margin) if own_pixel_threshold else image_threshold
+            pixel_min = torch.as_tensor(map_minimum, device=device).float()
+            pixel_max = _carry_range(
+                buffers["pixel_min"], old_pixel_threshold, buffers["pixel_max"], pixel_min, pixel_threshold
+            )
+            if own_pixel_threshold:
+                buffers["_pixel_threshold"].copy_(pixel_threshold)
+            buffers["pixel_min"].copy_(pixel_min)
+            buffers["pixel_max"].copy_(pixel_max)
+    return {"before": before, "after": {name: float(value) for name, value in buffers.items()}}

@@ -43,6 +43,7 @@ from anomalib_ext.models.components import (
     gather_rows,
     image_metrics_evaluator,
 )
+from anomalib_ext.models.components.training_budget import DEFAULT_MIN_STEPS, ensure_min_steps
 
 from .torch_model import DensitySettings, DfkdmModel, LakeModel
 
@@ -206,6 +207,9 @@ class DfkdmLake(_FittedDensityHooks, ExtModelMixin, AnomalibModule):
     """
 
     resize_interpolation: ClassVar[InterpolationMode] = InterpolationMode.NEAREST
+    # optimiser steps a fit takes at least (a few dozen images make one batch an epoch): bottle at 10 normals,
+    # 4 steps: pixel AUROC 0.20-0.22; 50 steps: 0.75 (0.74 on all 168 normals)
+    min_steps: ClassVar[int] = DEFAULT_MIN_STEPS
     # INT8_PTQ quantises the autoencoder only: features, residual map, PCA, density and calibration stay in float
     int8_modules: ClassVar[tuple[str, ...]] = ("model.autoencoder",)
 
@@ -284,6 +288,13 @@ class DfkdmLake(_FittedDensityHooks, ExtModelMixin, AnomalibModule):
         trainer = self.trainer
         if trainer.check_val_every_n_epoch == 1 and trainer.max_epochs is not None and trainer.max_epochs > 1:
             trainer.check_val_every_n_epoch = trainer.max_epochs
+
+    def on_train_start(self) -> None:
+        """Few images make few optimiser steps: train at least ``min_steps``, still validating once, at the end."""
+        epochs = self.trainer.max_epochs
+        new_epochs = ensure_min_steps(self.trainer, "DfkdmLake", self.min_steps)
+        if new_epochs is not None and self.trainer.check_val_every_n_epoch in (1, epochs):
+            self.trainer.check_val_every_n_epoch = new_epochs
 
     def on_validation_start(self) -> None:
         """Validation runs inside the training epoch: fit here whenever training changed the network."""

@@ -18,6 +18,7 @@ to OpenVINO.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from anomalib_ext.models.components import (
 from anomalib_ext.models.components.autoencoder import AutoencoderOutput, ConvAutoencoder
 from anomalib_ext.models.components.kde import BandwidthRule, DensityKind, FeatureDensity, ScalingMethod
 from anomalib_ext.models.components.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 RECONSTRUCTION_FEATURES = 3  # relative L2 error, centred cosine similarity, residual-map peak
 PEAK_FRACTION = 0.01
@@ -109,9 +112,29 @@ class _DensityScorer(nn.Module):
         self.density = density.build(passthrough)
         self.calibrate = calibrate
 
+    family = "Dfkdm"  # the name the user knows, for the log
+
     def fit(self, features: torch.Tensor) -> int:
-        """Fit the density on normal feature vectors (N, D); returns how many it used (at most the cap)."""
-        return self.density.fit(features)
+        """Fit the density on normal feature vectors (N, D); returns how many it used (at most the cap).
+
+        Says in one warning when the images are no more than the feature dimensions: the density then had to be
+        shrunk (``FeatureDensity``), and the user should know the model runs on less than its settings assume.
+        """
+        used = self.density.fit(features)
+        density = self.density
+        if density.shrunk:
+            logger.warning(
+                "%s: %d training images for %d feature dimensions: their covariance is singular, so the density "
+                "shrinks it towards its mean variance (Ledoit-Wolf, intensity %.2f; PCA keeps %d components); "
+                "the shrinkage stops above %d training images",
+                self.family,
+                density.fit_points,
+                density.fit_dims,
+                density.shrinkage,
+                density.pca.output_dim - density.pca.passthrough,
+                density.fit_dims,
+            )
+        return used
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """Negative log density of the features, or its calibrated [0, 1] version."""
@@ -161,6 +184,8 @@ class LakeModel(_DensityScorer):
 
     The arguments are ``DfkdmLake``'s (documented there). The autoencoder takes RGB images of ``image_size``.
     """
+
+    family = "DfkdmLake"
 
     def __init__(
         self,

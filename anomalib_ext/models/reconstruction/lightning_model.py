@@ -29,6 +29,7 @@ from anomalib_ext.models.components import (
     is_distributed,
     sum_across_ranks,
 )
+from anomalib_ext.models.components.training_budget import DEFAULT_MIN_STEPS, ensure_min_steps
 
 from .loss import LossWeights, build_loss
 from .torch_model import MapMode, ReconstructionModel, Variant
@@ -65,6 +66,9 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
     int8_modules: ClassVar[tuple[str, ...]] = ("model.autoencoder",)
 
     default_image_size: ClassVar[tuple[int, int]] = (128, 128)
+    # optimiser steps a fit takes at least: a few dozen images make one batch an epoch, and a config's max_epochs
+    # then trains a handful of steps (bottle at 10 normals, 4 steps: pixel AUROC 0.50-0.58; 50 steps: 0.79)
+    min_steps: ClassVar[int] = DEFAULT_MIN_STEPS
     # nearest neighbour keeps thin defects sharp, and no Normalize: the sigmoid output lives in [0, 1]
     resize_interpolation: ClassVar[InterpolationMode] = InterpolationMode.NEAREST
 
@@ -166,6 +170,10 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
         merged.squares = sum_across_ranks(moments.squares if moments.squares is not None else zeros, self.device)
         merged.counts = sum_across_ranks(moments.counts.to(self.device), self.device)
         return merged
+
+    def on_train_start(self) -> None:
+        """Few images make few optimiser steps: train at least ``min_steps`` (one warning line when it acts)."""
+        ensure_min_steps(self.trainer, "Reconstruction", self.min_steps)
 
     def on_train_epoch_start(self) -> None:
         self.model.reset_map_moments()

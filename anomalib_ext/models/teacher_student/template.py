@@ -18,15 +18,20 @@ class SingleTemplate(Settings):
     Args:
         path: the good image.
         samples_per_epoch: training samples per epoch: the template itself, then its ``Augmentation`` variations.
+        batch_size: samples per optimiser step. The model makes these images itself, so it also batches them: the
+            datamodule's training batch size no longer changes how many steps an epoch takes (``tools/benchmark.py``'s
+            default batches of 16 used to halve the training).
     """
 
     path: str
     samples_per_epoch: int = 64
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.samples_per_epoch < 1:
-            msg = f"single_template.samples_per_epoch must be >= 1, got {self.samples_per_epoch}"
-            raise ValueError(msg)
+        for name in ("samples_per_epoch", "batch_size"):
+            if getattr(self, name) < 1:
+                msg = f"single_template.{name} must be >= 1, got {getattr(self, name)}"
+                raise ValueError(msg)
 
 
 def load_template(path: str | Path) -> torch.Tensor:

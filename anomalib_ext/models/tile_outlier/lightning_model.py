@@ -169,6 +169,7 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
             map_sigma=map_sigma,
         )
         self.max_fit_tiles = bank.max_fit_tiles
+        self.max_tiles = bank.max_tiles
         self._reservoir = self._new_reservoir()
         self._fastdup = None
         if backend == "fastdup":
@@ -222,9 +223,25 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         assert merged is not None  # the local reservoir is never None
         embeddings = merged.samples()
         logger.info("TileOutlier: fitting the bank on %d images x %d tiles", len(embeddings), self.model.grid.num_tiles)
+        self._warn_when_the_bank_is_starved(len(embeddings))
         self.model.fit(embeddings.to(self.device))
         logger.info("TileOutlier: the bank holds %d tiles", self.model.bank_tiles)
         self._reservoir = self._new_reservoir()
+
+    def _warn_when_the_bank_is_starved(self, num_images: int) -> None:
+        """One line when the training tiles are fewer than the bank's cap: the coreset then keeps every tile, and
+        each grid position has only ``num_images`` normal examples (magnetic tile at 10 normals: image AUROC 0.72)."""
+        available = num_images * self.model.grid.num_tiles
+        if available >= self.max_tiles:
+            return
+        logger.warning(
+            "TileOutlier: %d training images give %d tiles, fewer than the bank's cap max_tiles=%d: the bank keeps "
+            "all of them, %d normal examples per grid position",
+            num_images,
+            available,
+            self.max_tiles,
+            num_images,
+        )
 
     # ------------------------------------------------------------------------------------------ inference
     def forward(self, batch: torch.Tensor, *args, **kwargs) -> Any:  # noqa: ANN401

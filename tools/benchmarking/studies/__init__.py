@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarking.studies import augmentation, lighting, scaling, sessions
+from benchmarking.studies import augmentation, fewshot, lighting, scaling, sessions
 
-STUDIES = {"augmentation": augmentation, "lighting": lighting, "scaling": scaling, "sessions": sessions}
+STUDIES = {
+    "augmentation": augmentation,
+    "fewshot": fewshot,
+    "lighting": lighting,
+    "scaling": scaling,
+    "sessions": sessions,
+}
 
 
 def expand(
