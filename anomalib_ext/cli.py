@@ -102,6 +102,7 @@ def version_line() -> str:
 OWN_COMMANDS = {
     "score": "anomalib_ext.commands.score",
     "doctor": "anomalib_ext.commands.doctor",
+    "recalibrate": "anomalib_ext.commands.recalibrate",
 }
 
 

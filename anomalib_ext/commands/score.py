@@ -376,21 +376,33 @@ def thresholds(model: AnomalibModule) -> dict[str, float | None]:
     }
 
 
+def predicted_batches(
+    model: AnomalibModule, loader: Iterable[tuple[ImageBatch | None, list[UnreadableImage]]], device: torch.device
+) -> Iterator[tuple[int, ImageBatch | None, list[UnreadableImage]]]:
+    """Every batch's index and ``predict_step`` outputs: raw scores and maps, before any post-processing (shared
+    with ``anomalib-ext recalibrate``, which sets the thresholds from raw scores)."""
+    with torch.inference_mode():
+        for index, (batch, unreadable) in enumerate(loader):
+            if batch is None:
+                yield index, None, unreadable
+                continue
+            batch.update(image=batch.image.to(device))
+            yield index, model.predict_step(batch, index), unreadable
+
+
 def score_batches(
     model: AnomalibModule, loader: Iterable[tuple[ImageBatch | None, list[UnreadableImage]]], device: torch.device
 ) -> Iterator[tuple[ImageBatch | None, list[float] | None, list[UnreadableImage]]]:
     """Every batch as ``Engine.predict`` leaves it (``predict_step``, then the post-processor's predict hook), with
     the raw scores taken before the post-processor normalises them in place."""
     with torch.inference_mode():
-        for index, (batch, unreadable) in enumerate(loader):
-            if batch is None:
+        for index, outputs, unreadable in predicted_batches(model, loader, device):
+            if outputs is None:
                 yield None, None, unreadable
                 continue
-            batch.update(image=batch.image.to(device))
-            outputs = model.predict_step(batch, index)
             raw = outputs.pred_score.detach().flatten().cpu().tolist() if outputs.pred_score is not None else None
             if model.post_processor is not None:
-                model.post_processor.on_predict_batch_end(None, model, outputs, batch, index)
+                model.post_processor.on_predict_batch_end(None, model, outputs, outputs, index)
             yield outputs, raw, unreadable
 
 
