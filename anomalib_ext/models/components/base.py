@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import AUROC, Evaluator, F1Score
 from anomalib.pre_processing import PreProcessor
@@ -98,6 +99,32 @@ def image_metrics_evaluator() -> Evaluator:
             AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
         ]
     )
+
+
+class FitOnlyHooks:
+    """What every fit-only model (a bank or a density fitted in one pass) tells Lightning and anomalib: nothing to
+    optimise, one epoch without a sanity check (nothing is fitted before it), one-class, image AUROC and F1 and pixel
+    AUROC. Put it first among the bases, before ``ExtModelMixin``. A model whose fit needs more says so in its own
+    ``fit``; under DDP each model merges its ranks' data there."""
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC and F1, and pixel AUROC where the model has a map."""
+        return image_metrics_evaluator()
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """Nothing to optimise: fitted, not trained."""
+        return
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """One pass, no gradients, no sanity check."""
+        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        return LearningType.ONE_CLASS
 
 
 def resize_metadata(pre_processor: nn.Module | None) -> dict[str, str]:

@@ -36,6 +36,7 @@ from anomalib_ext.models.components import (
     DEFAULT_BACKBONE,
     DEFAULT_POOLED_LAYERS,
     ExtModelMixin,
+    FitOnlyHooks,
     ImageSize,
     InputNormalization,
     ReconstructionLoss,
@@ -99,7 +100,7 @@ class _FittedDensityHooks:
         return LearningType.ONE_CLASS
 
 
-class Dfkdm(_FittedDensityHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
+class Dfkdm(FitOnlyHooks, _FittedDensityHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
     """Deep-feature kernel density model on pooled pretrained-backbone features (image-level, fit-only).
 
     Args:
@@ -152,11 +153,6 @@ class Dfkdm(_FittedDensityHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule)
         self._features: list[torch.Tensor] = []
         self._image_paths: list[str] | None = []  # of the collected features (None: some batch had none)
 
-    @staticmethod
-    def configure_optimizers() -> None:
-        """Nothing to optimise: the density is fitted, not trained."""
-        return
-
     def on_train_epoch_start(self) -> None:
         """Each epoch sees the whole training set again: keep only this epoch's features, fit them again."""
         self._features, self._image_paths = [], []
@@ -178,11 +174,6 @@ class Dfkdm(_FittedDensityHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule)
         features, paths = torch.cat(self._features), self._image_paths
         self._features, self._image_paths = [], []
         _fit_across_ranks(self, features, paths)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """One pass, no gradients, no sanity check (the density is not fitted before the first epoch)."""
-        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0}
 
 
 class DfkdmLake(_FittedDensityHooks, ExtModelMixin, AnomalibModule):

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
@@ -28,10 +27,10 @@ from anomalib_ext.models.components import (
     DEFAULT_LAYERS,
     DEFAULT_POOLED_LAYERS,
     ExtModelMixin,
+    FitOnlyHooks,
     ImageSize,
     gather_reservoir,
     gather_rows,
-    image_metrics_evaluator,
 )
 from anomalib_ext.models.components.sampling import ReservoirSampler
 
@@ -43,7 +42,7 @@ logger = logging.getLogger(__name__)
 MAX_FIT_TILES = 400_000
 
 
-class Fused(ExtModelMixin, MemoryBankMixin, AnomalibModule):
+class Fused(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
     """Tile outliers and a global feature density on one backbone pass, standardised and fused.
 
     Args:
@@ -100,26 +99,6 @@ class Fused(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         self._tiles = ReservoirSampler(max(1, MAX_FIT_TILES // self.model.tiles.grid.num_tiles))
         self._features: list[torch.Tensor] = []
         self._image_paths: list[str] | None = []  # of the collected features (None: some batch had none)
-
-    # ------------------------------------------------------------------------------------------ components
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Image AUROC and F1 and pixel AUROC."""
-        return image_metrics_evaluator()
-
-    @staticmethod
-    def configure_optimizers() -> None:
-        """Nothing to optimise: the bank and the density are fitted, not trained."""
-        return
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """One pass, no gradients, no sanity check (nothing is fitted before the first epoch)."""
-        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        return LearningType.ONE_CLASS
 
     # ------------------------------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
@@ -27,10 +26,10 @@ from anomalib_ext.models.components import (
     DEFAULT_BACKBONE,
     DEFAULT_LAYERS,
     ExtModelMixin,
+    FitOnlyHooks,
     ImageSize,
     InputNormalization,
     gather_reservoir,
-    image_metrics_evaluator,
 )
 from anomalib_ext.models.components.sampling import ReservoirSampler
 from anomalib_ext.models.components.settings import Settings
@@ -94,7 +93,7 @@ class MemoryBankSettings(Settings):
     max_fit_tiles: int = 400_000
 
 
-class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
+class TileOutlier(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
     """Tile-outlier anomaly detection.
 
     Args:
@@ -180,26 +179,6 @@ class TileOutlier(ExtModelMixin, MemoryBankMixin, AnomalibModule):
 
     def _new_reservoir(self) -> ReservoirSampler:
         return ReservoirSampler(max(1, self.max_fit_tiles // self.model.grid.num_tiles))
-
-    # ------------------------------------------------------------------------------------------ components
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Image AUROC and F1 and pixel AUROC."""
-        return image_metrics_evaluator()
-
-    @staticmethod
-    def configure_optimizers() -> None:
-        """Nothing to optimise: the bank is fitted, not trained."""
-        return
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """One pass, no gradients. Any number of devices: ``fit`` merges the ranks' reservoirs first."""
-        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        return LearningType.ONE_CLASS
 
     # ------------------------------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:
