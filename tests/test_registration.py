@@ -16,7 +16,7 @@ import anomalib_ext.models as ours
 from anomalib_ext.models.components import ExtModelMixin
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ["TemplateSsim", "TileOutlier", "Dfkdm", "DfkdmLake", "Reconstruction", "TeacherStudent"]
+FAMILIES = ["TemplateSsim", "TileOutlier", "Dfkdm", "DfkdmLake", "Reconstruction", "TeacherStudent", "Fused"]
 # The cheapest config to run end to end through the CLI in a subprocess.
 CLI_MODEL = "anomalib_ext.models.TemplateSsim"
 CLI_CONFIG = REPO / "configs" / "template_ssim" / "mvtec.yaml"

@@ -31,6 +31,10 @@ def _fit_and_predict(case: ModelCase, data_root: Path, category: str, workdir: P
 
     seed_everything(0, workers=True)
     model = case.build()
+    # the case's epochs are these tests' budget (8 images: the gradient families' 50-step floor, tested in
+    # tests/test_few_normals.py, would train them several times longer than the INT8 bars were measured at)
+    if hasattr(model, "min_steps"):
+        model.min_steps = 0
     data = datamodule(data_root, category)
     run = engine(workdir, case)
     run.fit(model=model, datamodule=data)
@@ -144,13 +148,16 @@ def test_openvino_raw_scores_and_maps_match_torch_on_real_images(seeded_run, rea
 # amplifies the quantised features: Dfkdm 0.18 and LAKE 0.30 measured, the others <= 0.1):
 INT8_SCORE_TOLERANCE = 0.1
 INT8_SCORE_TOLERANCE_PER_MODEL = {"dfkdm_backbone": 0.3, "dfkdm_lake": 0.45}
+# Fused's score is standardised (0 = a typical normal image, 1 = one robust spread of held-out normal scores): a share
+# of a value near 0 means nothing, so its normal images may move by this many spreads (measured <= 0.37)
+INT8_SCORE_SPREADS = {"fused": 0.5}
 INT8_MIN_RANK_CORRELATION = 0.9  # measured 0.985 (TeacherStudent) to 0.994 (Dfkdm)
 INT8_IMAGES = {"n_test_good": 8, "n_test_per_defect": 2}  # 8 normal + 8 defective: enough for a rank correlation
 # the largest INT8 map difference on one image, as a share of that torch map's maximum, per model: measured
 # 0.035 (Reconstruction AE) and 0.37 (TileOutlier, on a colour defect; its normal images <= 0.18), with about
 # 1.5-2x that as the bar; a scrambled quantisation moves maps by their whole range. Models without a measurement
 # yet keep the former bar.
-INT8_MAP_TOLERANCE = {"reconstruction_ae": 0.07, "tile_outlier": 0.5}
+INT8_MAP_TOLERANCE = {"reconstruction_ae": 0.07, "tile_outlier": 0.5, "fused": 0.5}  # fused: TileOutlier's map (0.37)
 DEFAULT_INT8_MAP_TOLERANCE = 0.2
 
 
@@ -208,7 +215,11 @@ def test_int8_export_keeps_scores_ranking_and_maps(seeded_run, int8_root: Path, 
         f"{case.name}: INT8 moves scores by {relative.round(3).tolist()} of their value, Spearman {correlation:.3f} "
         f"(torch {torch_scores.round(4).tolist()}, INT8 {openvino_scores.round(4).tolist()})"
     )
-    assert relative[normal].max() <= INT8_SCORE_TOLERANCE_PER_MODEL.get(case.name, INT8_SCORE_TOLERANCE), summary
+    if case.name in INT8_SCORE_SPREADS:
+        moved = np.abs(openvino_scores - torch_scores)[normal].max()
+        assert moved <= INT8_SCORE_SPREADS[case.name], f"normal scores move by {moved:.3f} spreads: {summary}"
+    else:
+        assert relative[normal].max() <= INT8_SCORE_TOLERANCE_PER_MODEL.get(case.name, INT8_SCORE_TOLERANCE), summary
     assert correlation >= INT8_MIN_RANK_CORRELATION, summary
     assert (openvino_scores[above] > openvino_scores[normal].max()).all(), f"a normal passes a defect: {summary}"
     if reference.anomaly_map is None:
