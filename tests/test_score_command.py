@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from anomalib_ext.cli import main as cli_main
+from tests.harness.runner import fit_small_tile_outlier
 
 IMAGE_SIZE = 64
 BIN = Path(sys.executable).parent
@@ -26,23 +27,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A TileOutlier fitted on 16 synthetic normal images, copied to a path that does not name its class."""
-    from anomalib.data import MVTecAD
-    from anomalib.engine import Engine
-
-    from anomalib_ext.data.synthetic import make_mvtec_dataset
-    from anomalib_ext.models import TileOutlier
-
-    root = tmp_path_factory.mktemp("score_fit")
-    make_mvtec_dataset(root, image_size=IMAGE_SIZE, n_train=16, n_test_good=5, n_test_per_defect=2, seed=5)
-    model = TileOutlier(image_size=IMAGE_SIZE, tiling={"tile_size": 16, "stride": 8}, layers=["blocks.1", "blocks.2"])
-    datamodule = MVTecAD(root=root, category="synthetic", num_workers=0, train_batch_size=16, eval_batch_size=16)
-    engine = Engine(default_root_dir=root / "run", accelerator="cpu", logger=False, enable_progress_bar=False)
-    engine.fit(model=model, datamodule=datamodule)
-    written = sorted((root / "run").rglob("*.ckpt"))
-    assert written, "training wrote no checkpoint"
-    target = root / "model.ckpt"
-    shutil.copy(written[-1], target)
-    return target
+    return fit_small_tile_outlier(tmp_path_factory.mktemp("score_fit"), n_test_good=5)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +48,13 @@ from torch.utils.data import DataLoader
 from anomalib_ext.commands.score import (
     ScoreError,
     UnreadableImage,
+    add_runtime_arguments,
+    check_runtime_arguments,
     collate,
     load_model,
     pick_device,
     predicted_batches,
+    run_reporting_errors,
     scoring_dataset,
     set_threads,
 )
@@ -63,7 +65,6 @@ from anomalib_ext.models.components.thresholds import (
     recalibrate_thresholds,
 )
 
-USAGE_ERROR = 2
 RECORD_KEY = "anomalib_ext_recalibration"  # the checkpoint entry that says how it was recalibrated
 POST_PROCESSOR_PREFIX = "post_processor."  # AnomalibModule.post_processor's keys in the checkpoint's state_dict
 # a normal image this far above the others' quartiles (Tukey's "far out" fence) is worth a look: it alone sets the
@@ -338,11 +339,7 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="threshold = max + margin * (max - median) of the normals' scores (default: the model's own, 0.5)",
     )
-    command.add_argument("--batch-size", "--batch_size", type=int, default=4, help="images per forward pass")
-    command.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when present")
-    command.add_argument("--workers", type=int, default=0, help="processes that read images beside the model")
-    command.add_argument("--threads", type=int, default=0, help="torch threads (0: the cores left beside --workers)")
-    command.add_argument("--model", help="model class when it cannot be told from the checkpoint (e.g. Padim)")
+    add_runtime_arguments(command, workers=0)
     command.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return command
 
@@ -383,17 +380,9 @@ def run(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0 or args.threads < 0:
-        parser().error("--batch-size must be >= 1, --workers and --threads >= 0")
+    command = parser()
+    args = command.parse_args(argv)
+    check_runtime_arguments(command, args)
     if args.margin is not None and not (args.margin >= 0 and math.isfinite(args.margin)):
-        parser().error("--margin must be a number >= 0")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # timm's and anomalib's import-time deprecations
-            lines = run(args)
-    except ScoreError as error:
-        print(f"anomalib-ext recalibrate: error: {error}", file=sys.stderr)  # noqa: T201
-        return USAGE_ERROR
-    print("\n".join(lines))  # noqa: T201
-    return 0
+        command.error("--margin must be a number >= 0")
+    return run_reporting_errors(command.prog, lambda: "\n".join(run(args)))

@@ -38,7 +38,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -486,6 +486,40 @@ def run(args: argparse.Namespace) -> str:
     return summary + f" -> {output / PREDICTIONS_NAME}"
 
 
+def add_runtime_arguments(command: argparse.ArgumentParser, workers: int) -> None:
+    """The options of every command that runs a trained model over images (``score``, ``recalibrate``)."""
+    command.add_argument("--batch-size", "--batch_size", type=int, default=4, help="images per forward pass")
+    command.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when present")
+    command.add_argument(
+        "--workers", type=int, default=workers, help="processes that read and resize images beside the model (0: none)"
+    )
+    command.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for the model (0: the cores left beside --workers, or OMP_NUM_THREADS when set)",
+    )
+    command.add_argument("--model", help="model class when it cannot be told from the checkpoint (e.g. Padim)")
+
+
+def check_runtime_arguments(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or args.workers < 0 or args.threads < 0:
+        command.error("--batch-size must be >= 1, --workers and --threads >= 0")
+
+
+def run_reporting_errors(prog: str, run_command: Callable[[], str]) -> int:
+    """Run a command, print what it returns; a ``ScoreError`` is one line on stderr and exit status 2."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # timm's and anomalib's import-time deprecations
+            output = run_command()
+    except ScoreError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)  # noqa: T201
+        return USAGE_ERROR
+    print(output)  # noqa: T201
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     command = argparse.ArgumentParser(
         prog="anomalib-ext score",
@@ -497,33 +531,14 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--input", type=Path, required=True, help="an image, or a folder of images (any depth)")
     command.add_argument("--output", type=Path, required=True, help="folder for predictions.csv, errors.csv, maps")
     command.add_argument("--maps", action="store_true", help="also write anomaly maps and overlays (slow)")
-    command.add_argument("--batch-size", "--batch_size", type=int, default=4, help="images per forward pass")
-    command.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when present")
-    command.add_argument(
-        "--workers", type=int, default=1, help="processes that read and resize images beside the model (0: none)"
-    )
-    command.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads for the model (0: the cores left beside --workers, or OMP_NUM_THREADS when set)",
-    )
-    command.add_argument("--model", help="model class when it cannot be told from the checkpoint (e.g. Padim)")
+    add_runtime_arguments(command, workers=1)
     command.add_argument("--overwrite", action="store_true", help="replace the scores already in --output")
     command.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return command
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0 or args.threads < 0:
-        parser().error("--batch-size must be >= 1, --workers and --threads >= 0")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # timm's and anomalib's import-time deprecations
-            summary = run(args)
-    except ScoreError as error:
-        print(f"anomalib-ext score: error: {error}", file=sys.stderr)  # noqa: T201
-        return USAGE_ERROR
-    print(summary)  # noqa: T201
-    return 0
+    command = parser()
+    args = command.parse_args(argv)
+    check_runtime_arguments(command, args)
+    return run_reporting_errors(command.prog, lambda: run(args))

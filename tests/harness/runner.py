@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,3 +181,23 @@ def export_openvino(trained: TrainedCase) -> Path:
         )
         trained.openvino_xml = Path(path)
     return trained.openvino_xml
+
+
+def fit_small_tile_outlier(root: Path, n_test_good: int) -> Path:
+    """A TileOutlier fitted on 16 synthetic 64 px normal images under ``root``, copied to ``root/model.ckpt`` (a path
+    that does not name its class); ``root/synthetic/test`` holds ``n_test_good`` normal and 2 images per defect."""
+    from anomalib.engine import Engine
+
+    from anomalib_ext.data.synthetic import make_mvtec_dataset
+    from anomalib_ext.models import TileOutlier
+
+    make_mvtec_dataset(root, image_size=64, n_train=16, n_test_good=n_test_good, n_test_per_defect=2, seed=5)
+    model = TileOutlier(image_size=64, tiling={"tile_size": 16, "stride": 8}, layers=["blocks.1", "blocks.2"])
+    datamodule = MVTecAD(root=root, category="synthetic", num_workers=0, train_batch_size=16, eval_batch_size=16)
+    engine = Engine(default_root_dir=root / "run", accelerator="cpu", logger=False, enable_progress_bar=False)
+    engine.fit(model=model, datamodule=datamodule)
+    written = sorted((root / "run").rglob("*.ckpt"))
+    assert written, "training wrote no checkpoint"
+    target = root / "model.ckpt"
+    shutil.copy(written[-1], target)
+    return target

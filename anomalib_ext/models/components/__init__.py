@@ -37,7 +37,15 @@ from .base import (
     image_metrics_evaluator,
 )
 from .cutpaste import CutPaste
-from .distributed import DdpAnchor, gather_objects, gather_reservoir, gather_rows, is_distributed, sum_across_ranks
+from .distributed import (
+    DdpAnchor,
+    gather_objects,
+    gather_reservoir,
+    gather_rows,
+    is_distributed,
+    sum_across_ranks,
+    with_image_paths,
+)
 from .filters import GaussianBlur, SSIMMap, gaussian_kernel_1d
 from .stats import (
     MapMoments,
@@ -92,4 +100,5 @@ __all__ = [
     "sum_across_ranks",
     "topk_mean",
     "weighted_theil_sen_slope",
+    "with_image_paths",
 ]

@@ -60,6 +60,14 @@ def _gather_padded(tensor: torch.Tensor, counts: Sequence[int], device: torch.de
     return [part[:count].to(tensor.device) for part, count in zip(gathered, counts, strict=True)]
 
 
+def with_image_paths(ids: list[str] | None, image_paths: Sequence[Any] | None) -> list[str] | None:
+    """The image paths collected so far plus a batch's, the ids ``gather_rows`` merges ranks by (``None`` once a
+    batch comes without paths)."""
+    if ids is None or image_paths is None:
+        return None
+    return [*ids, *(str(path) for path in image_paths)]
+
+
 def gather_rows(
     rows: torch.Tensor, ids: Sequence[str] | None, device: torch.device | str
 ) -> tuple[torch.Tensor, list[str] | None]:

@@ -31,12 +31,12 @@ def steps_per_epoch(trainer: Trainer) -> int:
     return max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches)))
 
 
-def ensure_min_steps(trainer: Trainer, family: str, min_steps: int, raise_epochs: bool = True) -> int | None:
+def ensure_min_steps(trainer: Trainer, family: str, min_steps: int) -> int | None:
     """Make the run take at least ``min_steps`` optimiser steps when its epochs give fewer; one warning line.
 
-    With ``raise_epochs`` the fit loop's ``max_epochs`` goes up (rounded up to a multiple of
-    ``check_val_every_n_epoch`` when the planned run ended on a validation, so it still does); without, it only
-    warns. Returns the new ``max_epochs``, or ``None`` when nothing changed. ``min_steps <= 0`` turns it off.
+    The fit loop's ``max_epochs`` goes up (rounded up to a multiple of ``check_val_every_n_epoch`` when the planned
+    run ended on a validation, so it still does). Returns the new ``max_epochs``, or ``None`` when nothing changed.
+    ``min_steps <= 0`` turns it off.
     """
     epochs = trainer.max_epochs
     per_epoch = steps_per_epoch(trainer)
@@ -47,19 +47,6 @@ def ensure_min_steps(trainer: Trainer, family: str, min_steps: int, raise_epochs
         return None
     images = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
     count = f"{len(images)} training images" if images is not None and hasattr(images, "__len__") else "the data"
-    if not raise_epochs:
-        logger.warning(
-            "%s: %s give %d optimiser step(s) an epoch, %d in %d epochs, fewer than the %d it needs to train; "
-            "raise max_epochs to %d",
-            family,
-            count,
-            per_epoch,
-            planned,
-            epochs,
-            min_steps,
-            math.ceil(min_steps / per_epoch),
-        )
-        return None
     new_epochs = math.ceil(min_steps / per_epoch)
     every = max(1, int(trainer.check_val_every_n_epoch or 1))
     if every > 1 and epochs % every == 0:

@@ -43,6 +43,7 @@ from anomalib_ext.models.components import (
     as_pair,
     gather_rows,
     image_metrics_evaluator,
+    with_image_paths,
 )
 from anomalib_ext.models.components.training_budget import DEFAULT_MIN_STEPS, ensure_min_steps
 
@@ -53,13 +54,6 @@ logger = logging.getLogger(__name__)
 # DfkdmLake's density: a KDE on the whole feature vector, no PCA (so no residual). The latent code is short, and on
 # the small data sets LAKE trains on PCA would drop informative latent directions.
 LAKE_DENSITY = DensitySettings(kind="kde", n_components=0, residual=False)
-
-
-def _with_image_paths(ids: list[str] | None, batch: Batch) -> list[str] | None:
-    """The image paths so far plus the batch's (``None`` once a batch comes without paths)."""
-    if ids is None or batch.image_path is None:
-        return None
-    return [*ids, *(str(path) for path in batch.image_path)]
 
 
 def _fit_across_ranks(module: AnomalibModule, features: torch.Tensor, ids: list[str] | None) -> None:
@@ -163,7 +157,7 @@ class Dfkdm(FitOnlyHooks, _FittedDensityHooks, ExtModelMixin, MemoryBankMixin, A
         del args, kwargs
         with torch.no_grad():
             self._features.append(self.model.extract_features(batch.image).cpu())
-        self._image_paths = _with_image_paths(self._image_paths, batch)
+        self._image_paths = with_image_paths(self._image_paths, batch.image_path)
         return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
 
     def fit(self) -> None:
@@ -264,7 +258,7 @@ class DfkdmLake(_FittedDensityHooks, ExtModelMixin, AnomalibModule):
         for batch in trainer.train_dataloader:
             images = batch.image.to(self.device)
             features.append(self.model.extract_features(transform(images) if transform is not None else images).cpu())
-            paths = _with_image_paths(paths, batch)
+            paths = with_image_paths(paths, batch.image_path)
         _fit_across_ranks(self, torch.cat(features), paths)
         self._is_fitted = torch.tensor([True], device=self.device)
         self._fitted_at_step = self.global_step

@@ -31,6 +31,7 @@ from anomalib_ext.models.components import (
     ImageSize,
     gather_reservoir,
     gather_rows,
+    with_image_paths,
 )
 from anomalib_ext.models.components.sampling import ReservoirSampler
 
@@ -110,11 +111,10 @@ class Fused(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
         del args, kwargs
         with torch.no_grad():
             tile_embeddings, global_features = self.model.extract(batch.image)
-        paths = None if batch.image_path is None else [str(path) for path in batch.image_path]
         # ids: DDP's padding repeats of an image count once when the ranks merge
-        self._tiles.add(tile_embeddings.cpu(), ids=paths)
+        self._tiles.add(tile_embeddings.cpu(), ids=batch.image_path)
         self._features.append(global_features.cpu())
-        self._image_paths = None if self._image_paths is None or paths is None else [*self._image_paths, *paths]
+        self._image_paths = with_image_paths(self._image_paths, batch.image_path)
         return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
 
     def fit(self) -> None:

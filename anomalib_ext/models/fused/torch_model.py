@@ -13,7 +13,7 @@ flow, so the whole model, both halves and the fusion, exports as one graph.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -40,6 +40,18 @@ def fold_indices(count: int, folds: int) -> list[torch.Tensor]:
     """Interleaved folds of ``range(count)`` (image ``i`` in fold ``i % folds``): deterministic, so every DDP rank,
     holding the same merged data, cross-fits the same way."""
     return [torch.arange(fold, count, folds) for fold in range(folds)]
+
+
+def cross_fitted_scores(
+    data: torch.Tensor, fit_and_score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Each row's score from a model fitted without it: ``fit_and_score(kept rows, held-out rows)`` once per fold."""
+    scores = torch.empty(len(data), device=data.device)
+    everything = torch.arange(len(data), device=data.device)
+    for held_out in fold_indices(len(data), min(CALIBRATION_FOLDS, len(data))):
+        held_out = held_out.to(data.device)
+        scores[held_out] = fit_and_score(data[everything[~torch.isin(everything, held_out)]], data[held_out])
+    return scores
 
 
 def new_density() -> FeatureDensity:
@@ -167,21 +179,16 @@ class FusedModel(nn.Module):
             )
 
     def _held_out_tile_scores(self, tile_embeddings: torch.Tensor) -> torch.Tensor:
-        scores = torch.empty(len(tile_embeddings), device=tile_embeddings.device)
-        everything = torch.arange(len(tile_embeddings))
-        for held_out in fold_indices(len(tile_embeddings), min(CALIBRATION_FOLDS, len(tile_embeddings))):
-            kept = everything[~torch.isin(everything, held_out)]
-            self.tiles.fit(tile_embeddings[kept.to(tile_embeddings.device)])
-            held = tile_embeddings[held_out.to(tile_embeddings.device)]
-            scores[held_out.to(scores.device)] = self.tiles.tile_scores(held).amax((1, 2))
-        return scores
+        def fit_and_score(kept: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+            self.tiles.fit(kept)
+            return self.tiles.tile_scores(held).amax((1, 2))
+
+        return cross_fitted_scores(tile_embeddings, fit_and_score)
 
     def _held_out_density_scores(self, global_features: torch.Tensor) -> torch.Tensor:
-        scores = torch.empty(len(global_features), device=global_features.device)
-        everything = torch.arange(len(global_features))
-        for held_out in fold_indices(len(global_features), min(CALIBRATION_FOLDS, len(global_features))):
-            kept = everything[~torch.isin(everything, held_out)]
-            density = new_density().to(global_features.device)
-            density.fit(global_features[kept.to(global_features.device)])
-            scores[held_out.to(scores.device)] = density(global_features[held_out.to(global_features.device)])
-        return scores
+        def fit_and_score(kept: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+            density = new_density().to(kept.device)
+            density.fit(kept)
+            return density(held)
+
+        return cross_fitted_scores(global_features, fit_and_score)
