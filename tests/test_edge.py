@@ -140,3 +140,78 @@ def test_position_aware_scores_read_each_bank_position_once_and_equal_the_defini
 
 # INT8 exports of every family against torch (scores, ranking, maps, and which operations run in INT8):
 # tests/robustness/test_models.py::test_int8_export_keeps_scores_ranking_and_maps, on the models it trains once.
+
+
+def _quantised_readers(xml: Path) -> set[str]:
+    """Names of the operations of an IR that read an INT8 (fake-quantised) input."""
+    import openvino
+
+    return {
+        target.get_node().get_friendly_name()
+        for op in openvino.Core().read_model(xml).get_ops()
+        if op.get_type_name() == "FakeQuantize"
+        for target in op.output(0).get_target_inputs()
+    }
+
+
+def _openvino_predictions(xml: Path, images: torch.Tensor) -> list:
+    """The export's predictions, one image at a time, in f32 inference precision (the CPU's bf16 default moves
+    scores by about 1e-2)."""
+    from anomalib.deploy import OpenVINOInferencer
+
+    inferencer = OpenVINOInferencer(path=xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    return [inferencer.predict(image.numpy()) for image in images]
+
+
+def test_tile_outlier_int8_export_runs_the_bank_search_in_int8_and_keeps_the_ranking(tmp_path: Path) -> None:
+    """A small TileOutlier fitted on synthetic normals, exported twice through anomalib's ``Engine.export`` (as
+    ``anomalib export`` does; the post-processor's normalisation off, since its clamping to [0, 1] ties scores):
+    the f32 graph equals torch (raw scores and maps within 1e-3); the INT8 graph quantises the similarity product
+    with the bank (an INT8 constant, INT8 queries) besides the backbone, and nothing else, and still ranks every
+    planted defect that torch ranks above all normal images above all of them."""
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+
+    from anomalib_ext.data.synthetic import make_mvtec_dataset
+    from anomalib_ext.models import TileOutlier
+    from tests.harness.case import ModelCase
+    from tests.harness.runner import export_raw_openvino, load_images, raw_outputs
+
+    torch.manual_seed(0)
+    size = 64
+    category = make_mvtec_dataset(tmp_path, image_size=size, n_train=16, n_test_good=6, n_test_per_defect=2, seed=5)
+    model = TileOutlier(image_size=size, tiling={"tile_size": 16, "stride": 8}, layers=["blocks.1", "blocks.2"])
+    datamodule = MVTecAD(root=tmp_path, category=category.name, num_workers=0, train_batch_size=16, eval_batch_size=16)
+    engine = Engine(default_root_dir=tmp_path / "run", accelerator="cpu", logger=False, enable_progress_bar=False)
+    engine.fit(model=model, datamodule=datamodule)
+    case = ModelCase(name="tile_outlier", build=lambda: model, image_size=size)
+    f32_xml = export_raw_openvino(model, engine, case, tmp_path / "f32")
+    int8_xml = export_raw_openvino(model, engine, case, tmp_path / "int8", datamodule)
+
+    readers = _quantised_readers(int8_xml)
+    assert any(name.startswith("model.bank_similarity/") for name in readers), sorted(readers)
+    assert all(name.startswith(("model.feature_extractor", "model.bank_similarity")) for name in readers), readers
+    assert not _quantised_readers(f32_xml)
+
+    paths = sorted(category.glob("test/*/*.png"))
+    normal = np.array([path.parent.name == "good" for path in paths])
+    images = load_images(paths, size)
+    reference = raw_outputs(model, images)
+    f32_results = _openvino_predictions(f32_xml, images)
+    torch_scores = reference.pred_score.flatten().numpy()
+    f32_scores = np.array([float(np.ravel(result.pred_score)[0]) for result in f32_results])
+    np.testing.assert_allclose(f32_scores, torch_scores, atol=1e-3, rtol=0)
+    for index, result in enumerate(f32_results):
+        torch_map = reference.anomaly_map[index].squeeze().numpy()
+        assert np.abs(np.asarray(result.anomaly_map).squeeze() - torch_map).max() < 1e-3
+
+    int8_results = _openvino_predictions(int8_xml, images)
+    int8_scores = np.array([float(np.ravel(result.pred_score)[0]) for result in int8_results])
+    found = torch_scores > torch_scores[normal].max()
+    summary = f"torch {torch_scores.round(4).tolist()}, INT8 {int8_scores.round(4).tolist()}, normal {normal.tolist()}"
+    assert found.sum() >= 2, f"torch separates too few planted defects to test a ranking: {summary}"  # noqa: PLR2004
+    assert (int8_scores[found] > int8_scores[normal].max()).all(), f"a normal passes a defect in INT8: {summary}"
+    # the normal images, where the threshold lives, keep their raw score (``1 -`` cosine, about 0.1 here): with
+    # NNCF's calibrated range for the embeddings instead of [-1, 1] they rose by 0.09-0.11 (measured <= 0.012 now)
+    assert np.abs(int8_scores - torch_scores)[normal].max() < 0.05, summary  # noqa: PLR2004
+    assert not np.allclose(int8_scores, f32_scores, atol=1e-6, rtol=0), "the INT8 graph scores exactly like f32"

@@ -376,3 +376,116 @@ def test_progress_bar_names_the_time_budget(two_domain_root: Path, tmp_path: Pat
     assert " of 10:00 · " in description and description.endswith(("(max_time)", "(max_epochs)")), description
     plain = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     assert budget_description(plain) == "Epoch 0"  # no budget: nothing invented
+
+
+def _write_domain(folder: Path, count: int, grey_level: int, rng: np.random.Generator) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image = np.clip(grey_level + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(folder / f"{index:03d}.png"), image)
+
+
+def test_sampler_draws_domains_uniformly_when_one_is_ten_times_smaller(tmp_path: Path) -> None:
+    """100 images in ``big``, 10 in ``small``: balanced sampling draws each domain about half the time; sampling
+    images (the old behaviour, still ``domain_balanced=False``) draws ``small`` about one time in eleven."""
+    rng = np.random.default_rng(0)
+    _write_domain(tmp_path / "big", 100, 80, rng)
+    _write_domain(tmp_path / "small", 10, 180, rng)
+
+    def small_share(**options: object) -> float:
+        datamodule = HistAuGANDataModule(tmp_path, image_size=16, batch_size=10, check_images=0, **options)
+        draws = torch.cat([batch["domain"] for _ in range(20) for batch in datamodule.train_dataloader()])
+        assert len(draws) >= 2000
+        return (draws == datamodule.domain_names.index("small")).float().mean().item()
+
+    balanced = small_share()
+    assert 0.45 < balanced < 0.55, balanced
+    assert small_share(seed=1) != balanced  # seeded: another seed, another draw
+    assert small_share() == balanced  # and the same seed, the same draw
+    assert small_share(domain_balanced=False) < 0.15
+
+
+def test_check_images_are_held_out_per_domain(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    _write_domain(tmp_path / "big", 100, 80, rng)
+    _write_domain(tmp_path / "small", 10, 180, rng)
+    datamodule = HistAuGANDataModule(tmp_path, image_size=16, check_images=16)
+    held = datamodule.check_mask
+    assert np.bincount(datamodule.domains[held]).tolist() == [16, 2]  # a quarter at most of the small domain
+    datamodule.setup()
+    assert len(datamodule.train_dataset) == 110 - 18
+    # with max_images, the images the cap leaves out are held first: the training set keeps all it loaded
+    capped = HistAuGANDataModule(tmp_path, image_size=16, check_images=4, max_images=60)
+    capped.setup()
+    assert len(capped.train_dataset) == 60 and len(capped.check_paths) >= 4
+    assert not set(capped.check_paths) & set(capped.image_paths)
+    assert np.bincount(capped.domains[capped.check_mask]).tolist() == [4, 4]
+
+
+def _fit_cli(config_root: Path, tmp_path: Path, export: Path, extra: list[str]) -> None:
+    from anomalib_ext.augment.histaugan.__main__ import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "histaugan" / "synthetic.yaml"
+    arguments = ["fit", "--config", str(config), "--data.root", str(config_root), "--data.num_domains", "null"]
+    arguments += ["--data.domain_source", "auto", "--trainer.logger", "false", "--trainer.enable_checkpointing"]
+    arguments += ["false", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
+    main([*arguments, "--model.export_path", str(export), *extra])
+
+
+def test_training_command_checks_every_domain_style_and_warns_when_off(
+    two_domain_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Two steps leave the generator far from the tinted style: the command prints a warning for the domain
+    that is off and writes ``<checkpoint>.domain_stats.json`` with every domain; with a tolerance no rendering
+    can miss, the same check passes silently and ``stop_at_style_match`` ends the run at its first check."""
+    import json
+
+    monkeypatch.setattr("sys.argv", ["histaugan"])
+    export = tmp_path / "generator.pt"
+    _fit_cli(two_domain_root, tmp_path, export, ["--trainer.max_steps", "4", "--model.style_check_every_n_steps", "1"])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "generator.pt.domain_stats.json").read_text())
+    assert set(report["domains"]) == {"plain", "tinted"}
+    for entry in report["domains"].values():
+        assert entry["rendered"]["sources"] == 4 and entry["real"]["images"] == 16
+        assert {"mean_intensity", "contrast", "channel_means"} <= set(entry["difference"])
+    off = [name for name, entry in report["domains"].items() if not entry["within_tolerance"]]
+    assert off, report  # an almost untrained generator cannot match a 2-grey-level tolerance
+    for name in off:
+        assert f"WARNING: HistAuGAN renders domain '{name}'" in printed
+    assert "style check, step 1:" in printed and "style check written to" in printed
+    assert report["samples_per_domain"] and sum(report["samples_per_domain"].values()) == 2 * 8
+
+    # a tolerance no rendering can miss: no warning, and the stopping rule ends the run at the first check
+    lenient = tmp_path / "lenient.pt"
+    extra = ["--trainer.max_steps", "20", "--model.style_tolerance", "255", "--model.style_check_every_n_steps", "2"]
+    _fit_cli(two_domain_root, tmp_path, lenient, [*extra, "--model.stop_at_style_match", "true"])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "lenient.pt.domain_stats.json").read_text())
+    assert report["all_within_tolerance"] and report["training_steps"] == 2, report["training_steps"]
+    assert "WARNING" not in printed and "within tolerance at step 2: stopping" in printed
+
+
+def test_style_check_measures_renderings_against_each_domain() -> None:
+    """A renderer that paints every image the target domain's exact grey passes; one that returns its input fails
+    by the gap between the domains."""
+    from anomalib_ext.augment.histaugan.style_check import check_domain_styles, warning_lines
+
+    images = np.concatenate([np.full((8, 8, 8, 3), 60, np.uint8), np.full((8, 8, 8, 3), 180, np.uint8)])
+    domains = np.repeat([0, 1], 8)
+    held = np.zeros(16, dtype=bool)
+    held[[0, 1, 8, 9]] = True
+    levels = torch.tensor([60, 180]) / 255
+
+    def perfect(batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return levels[targets][:, None, None, None].expand_as(batch).clone()
+
+    report = check_domain_styles(perfect, images, domains, held, ["dark", "bright"])
+    assert report["all_within_tolerance"] and report["max_abs_mean_intensity_difference"] < 0.01
+    assert report["domains"]["dark"]["expected_mean_intensity"] == pytest.approx(60, abs=0.01)
+    assert not report["colour"] and "channel_means" not in report["domains"]["dark"]["real"]
+
+    identity = check_domain_styles(lambda batch, _: batch, images, domains, held, ["dark", "bright"])
+    assert identity["domains"]["dark"]["difference"]["mean_intensity"] == pytest.approx(120, abs=0.01)
+    assert identity["domains"]["bright"]["difference"]["mean_intensity"] == pytest.approx(-120, abs=0.01)
+    assert len(warning_lines(identity)) == 2

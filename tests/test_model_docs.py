@@ -19,7 +19,7 @@ import yaml
 
 import anomalib_ext.models as models
 
-MAX_INIT_PARAMETERS = 15
+MAX_INIT_PARAMETERS = 16  # 15 until 0.7.0 added `image_tiling` to every local family
 # anomalib's own component arguments, documented by anomalib; a README may list them or not
 ANOMALIB_COMPONENTS = {"pre_processor", "post_processor", "evaluator", "visualizer"}
 MODEL_CLASSES = [getattr(models, name) for name in models.__all__]
@@ -75,7 +75,7 @@ def as_default(text: str) -> object:
 
 
 @pytest.mark.parametrize("model_class", MODEL_CLASSES, ids=lambda cls: cls.__name__)
-def test_at_most_fifteen_init_parameters(model_class: type) -> None:
+def test_at_most_sixteen_init_parameters(model_class: type) -> None:
     names = list(init_parameters(model_class))
     assert len(names) <= MAX_INIT_PARAMETERS, f"{model_class.__name__} has {len(names)} parameters: {names}"
 

@@ -4,7 +4,8 @@ Every (dataset, model, seed) run is a cell in its own process with a time limit;
 at once, so a long run can be stopped and resumed (``--resume DIR``) and a failing or hung model is recorded
 with its error while the others continue (the exit status is then 1). Every dataset is checked file by file
 before the first cell runs, so a bad image is named at once instead of failing each cell. Studies
-(``--study sessions|augmentation|scaling|fewshot|lighting``) run on the same cells. See ``docs/benchmark.md``.
+(``--study sessions|augmentation|scaling|fewshot|lighting|light_changes``) run on the same cells. See
+``docs/benchmark.md``.
 
 Examples::
 
@@ -147,6 +148,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="--study lighting: wall-clock budget of the run's HistAuGAN training (default 10)",
     )
     parser.add_argument(
+        "--arms",
+        nargs="+",
+        metavar="ARM",
+        help="--study lighting: arms to run (all bright bright+jitter bright+histaugan bright+recalibration "
+        "bright+per_image; default the first four); --study light_changes: model arms (none per_image, the default)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -181,6 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--study scaling needs --train-counts N [N ...] (positive training-set sizes)")
     if args.study == "fewshot" and (not args.train_counts or min(args.train_counts) < 0):
         parser.error("--study fewshot needs --train-counts N [N ...] (training normals; 0 = all of them)")
+    if args.arms and args.study not in ("lighting", "light_changes"):
+        parser.error("--arms picks the arms of --study lighting or --study light_changes")
     if args.augmented_views < 1:
         parser.error(f"--augmented-views must be positive, got {args.augmented_views}")
     precisions = [name.strip().lower() for name in args.export_precision.split(",") if name.strip()]
@@ -241,6 +251,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "train_counts": sorted(args.train_counts) if args.study in ("scaling", "fewshot") else [],
         "augmented_views": args.augmented_views if args.study == "augmentation" else None,
         "histaugan_minutes": args.histaugan_minutes if args.study == "lighting" else None,
+        "arms": args.arms if args.study in ("lighting", "light_changes") else None,
         "devices": args.devices,
         "strategy": args.strategy if args.devices > 1 else None,
     }

@@ -2,6 +2,7 @@
 
 python tools/make_dataset.py mvtec datasets/synthetic --category synthetic --image-size 128
 python tools/make_dataset.py dice datasets/synthetic_dice
+python tools/make_dataset.py mvtec datasets/flecks --category part --image-size 512 --defects speck  # 4-6 px flecks
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from anomalib_ext.data.synthetic import make_dice_dataset, make_mvtec_dataset
+from anomalib_ext.data.synthetic import MVTEC_DEFECTS, SMALL_DEFECTS, make_dice_dataset, make_mvtec_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-good", type=int, default=None, help="MVTec: good test images; dice: per class")
     parser.add_argument("--test-per-defect", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--defects",
+        nargs="+",
+        choices=[*MVTEC_DEFECTS, *SMALL_DEFECTS],
+        help=f"MVTec: defect types (default {' '.join(MVTEC_DEFECTS)}; speck: a 4-6 px fleck at any image size)",
+    )
     args = parser.parse_args(argv)
     if args.image_size < 32:
         parser.error(f"--image-size must be at least 32, got {args.image_size}")
@@ -37,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None
     }
     if args.layout == "mvtec":
+        if args.defects:
+            counts["defects"] = tuple(args.defects)
         out = make_mvtec_dataset(args.root, args.category, args.image_size, kind=args.kind, seed=args.seed, **counts)
     else:
         out = make_dice_dataset(args.root, args.image_size, seed=args.seed, **counts)

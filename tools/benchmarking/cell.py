@@ -21,7 +21,7 @@ from typing import Any
 from benchmarking import speed
 from benchmarking.builders import build_datamodule, build_model
 from benchmarking.measures import cpu_seconds, evaluate, first_test_images, peak_rss_mb
-from benchmarking.studies import augmentation, fewshot, lighting, scaling, sessions
+from benchmarking.studies import augmentation, fewshot, light_changes, lighting, scaling, sessions
 
 
 class CellRecord:
@@ -163,7 +163,8 @@ def run_stages(spec: dict[str, Any], record: CellRecord, seed: int, started: flo
     torch.set_num_threads(settings["threads"])
     seed_everything(seed, workers=True)
     image_size = spec["dataset"]["options"].get("image_size", settings["image_size"])
-    spec["model"] = lighting.model_for_cell(spec["model"])  # the arm's augmentation, as the model takes it
+    # the arm's augmentation or input normalisation, as the model takes it
+    spec["model"] = light_changes.model_for_cell(lighting.model_for_cell(spec["model"]))
     model = build_model(spec["model"], image_size, seed, data_checked=True)  # check_dataset ran in the parent
     datamodule = build_datamodule(spec["dataset"], seed, settings["batch_size"], settings["val_split"])
     setup_datamodule(datamodule, seed, spec["model"], spec["dataset"])
@@ -176,7 +177,14 @@ def run_stages(spec: dict[str, Any], record: CellRecord, seed: int, started: flo
     result["val_split"] = settings["val_split"]
 
     fit_stage(record, engine, model, datamodule)
+    if spec["model"].get("lighting_recalibration"):
+        record.stage("recalibration")  # --study lighting's bright+recalibration: new thresholds before the test
+        result.update(lighting.before_test(model, datamodule, spec["model"], seed))
     speed_images = accuracy_stage(record, model, datamodule, settings)
+    if settings.get("study") == "light_changes" and not settings.get("speed_only"):
+        record.stage("light changes")  # the same fitted model under each lighting change, plain and recalibrated
+        result.update(light_changes.measure(model, datamodule, seed, cell_dir))
+        record.save()
 
     record.stage("torch speed")
     torch_result = speed.torch_speed(model, speed_images, settings["threads"])

@@ -107,6 +107,10 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
     if all_raw_scores is not None and len(all_raw_scores) == len(all_labels):
         metrics.update(threshold_comparison(model.post_processor, all_raw_scores, all_labels))
         metrics.update(raw_aurocs(all_raw_scores, all_labels, raw_maps, raw_masks if has_masks else []))
+        pred_labels = torch.cat(predicted) if predicted else None
+        metrics["per_defect"] = per_defect_metrics(
+            paths, all_labels, all_raw_scores, pred_labels, raw_maps, raw_masks if has_masks else []
+        )
     # PNG-only anomalies: a model must not win through JPEG artefacts (dice caveat); cheap from the scores.
     png = torch.tensor([Path(p).suffix.lower() == ".png" for p in paths])
     keep = png | (all_labels == 0)
@@ -158,6 +162,38 @@ def raw_aurocs(raw_scores, labels, raw_maps, masks) -> dict[str, Any]:  # noqa: 
     if masks and len(raw_maps) == len(masks):
         maps = torch.cat([squeeze_map(m[:, None], mask) for m, mask in zip(raw_maps, masks, strict=True)])
         result["pixel_auroc_raw"] = auroc(maps, torch.cat(masks))
+    return result
+
+
+def per_defect_metrics(paths, labels, raw_scores, pred_labels, raw_maps, masks) -> dict[str, dict[str, Any]]:  # noqa: ANN001
+    """Per defect type (the anomalous image's folder): image AUROC of that type against every normal image, pixel
+    AUROC over that type's images and the normal ones (raw maps), and recall (share flagged by the validation
+    threshold). Small defects (``broken_small``) drown in the overall figures, which large ones dominate."""
+    import torch
+
+    kinds = [Path(path).parent.name for path in paths]
+    normal = labels == 0
+    maps = None
+    if masks and len(raw_maps) == len(masks):  # each batch's maps at its masks' size, as ``raw_aurocs`` does
+        maps = torch.cat([squeeze_map(m[:, None], mask) for m, mask in zip(raw_maps, masks, strict=True)])
+    truth = torch.cat(masks) if maps is not None else None
+    result: dict[str, dict[str, Any]] = {}
+    for kind in sorted({kind for kind, label in zip(kinds, labels.tolist(), strict=True) if label == 1}):
+        chosen = torch.tensor([k == kind for k in kinds]) & (labels == 1)
+        keep = chosen | normal
+        entry: dict[str, Any] = {"n": int(chosen.sum())}
+        entry.update(
+            {
+                "image_auroc": raw_aurocs(raw_scores[keep], labels[keep], [], [])["image_auroc_raw"],
+                "recall": float(pred_labels[chosen].float().mean()) if pred_labels is not None else None,
+                "pixel_auroc": None,
+            }
+        )
+        if maps is not None and truth is not None and len(maps) == len(labels):
+            entry["pixel_auroc"] = raw_aurocs(raw_scores[keep], labels[keep], [maps[keep]], [truth[keep]])[
+                "pixel_auroc_raw"
+            ]
+        result[kind] = entry
     return result
 
 

@@ -4,6 +4,11 @@ A domain is whatever should become a "style" the GAN can re-render into: a sub-f
 stain), a group captured by a regular expression on the file name (the dice set encodes the acquisition
 session there), or, when the data carry no such label, a k-means cluster of colour and brightness
 statistics. Images are decoded once, resized and kept in memory as uint8 (small at 64-128 px).
+
+Training draws a domain uniformly, then an image within it (``domain_balanced``), as the original HistAuGAN
+does: sampling images instead lets the biggest domains own the generator (on dice, the two dark sessions are
+a fifth of the images, and a 10-minute generator rendered them 3-5 grey levels where the real gap is 12).
+A few images per domain (``check_images``) are held out of training for the style check run after fit.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +111,14 @@ class HistAuGANDataModule(LightningDataModule):
         max_images: cap on the number of images (random subset, seeded) so big sets stay cheap.
         flip: random horizontal flips during training.
         num_workers: DataLoader workers (images are in memory; 0 is usually fastest on a small CPU).
-        seed: seed for the subset and the clustering.
+        seed: seed for the subset, the clustering, the held-out check images and the domain sampler.
+        domain_balanced: draw each training sample's domain uniformly, then an image within it (weight
+            ``1 / |domain|`` per image, with replacement; an epoch is still one draw per training image).
+            ``False`` samples images uniformly, so each domain is seen in proportion to its size.
+        check_images: images per domain held out of training for the style check after fit. They come first
+            from the images ``max_images`` leaves out (domains from folders or file names), so the training set
+            stays whole; the rest from the loaded images, at most a quarter of a domain, so small domains keep
+            most of theirs. 0 holds none out and the check re-renders training images.
     """
 
     def __init__(
@@ -121,6 +133,8 @@ class HistAuGANDataModule(LightningDataModule):
         flip: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        domain_balanced: bool = True,
+        check_images: int = 16,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -142,6 +156,14 @@ class HistAuGANDataModule(LightningDataModule):
         self.flip = flip
         self.num_workers = num_workers
         self.seed = seed
+        self.domain_balanced = domain_balanced
+        if check_images < 0:
+            msg = f"check_images must be >= 0, got {check_images}"
+            raise ValueError(msg)
+        self.check_images = check_images
+        self._check_mask: np.ndarray | None = None
+        self.spare_paths: list[Path] = []  # images max_images leaves out: the first source of check images
+        self.check_paths: list[Path] = []  # of those, the ones held for the style check (loaded after image_paths)
         self.image_paths = self._select_paths()
         self.domain_names: list[str] = []
         self._domains: np.ndarray | None = None
@@ -156,6 +178,8 @@ class HistAuGANDataModule(LightningDataModule):
             raise FileNotFoundError(msg)
         if self.max_images is not None and len(paths) > self.max_images:
             keep = np.random.default_rng(self.seed).choice(len(paths), self.max_images, replace=False)
+            kept = set(keep.tolist())
+            self.spare_paths = [path for index, path in enumerate(paths) if index not in kept]
             paths = [paths[index] for index in sorted(keep)]
         return paths
 
@@ -167,27 +191,28 @@ class HistAuGANDataModule(LightningDataModule):
         folders = {path.relative_to(self.root).parts[0] for path in self.image_paths if path.parent != self.root}
         return "folders" if len(folders) >= 2 else "clusters"
 
+    def _names(self, source: str, paths: list[Path]) -> list[str]:
+        if source == "folders":
+            return [path.relative_to(self.root).parts[0] if path.parent != self.root else "." for path in paths]
+        if not self.domain_regex:
+            msg = "domain_source='regex' needs domain_regex"
+            raise ValueError(msg)
+        pattern = re.compile(self.domain_regex)
+        names = []
+        for path in paths:
+            match = pattern.search(path.name)
+            if match is None:
+                msg = f"domain_regex '{self.domain_regex}' does not match file name '{path}'"
+                raise ValueError(msg)
+            names.append(match.group(1) if match.groups() else match.group(0))
+        return names
+
     def _assign_domains_from_names(self) -> None:
         """Folder and regex domains need no pixels, so they are known at construction (for CLI linking)."""
         source = self._resolved_source()
-        if source == "folders":
-            names = [
-                path.relative_to(self.root).parts[0] if path.parent != self.root else "." for path in self.image_paths
-            ]
-        elif source == "regex":
-            if not self.domain_regex:
-                msg = "domain_source='regex' needs domain_regex"
-                raise ValueError(msg)
-            pattern = re.compile(self.domain_regex)
-            names = []
-            for path in self.image_paths:
-                match = pattern.search(path.name)
-                if match is None:
-                    msg = f"domain_regex '{self.domain_regex}' does not match file name '{path}'"
-                    raise ValueError(msg)
-                names.append(match.group(1) if match.groups() else match.group(0))
-        else:
+        if source not in ("folders", "regex"):
             return
+        names = self._names(source, self.image_paths)
         self.domain_names = sorted(set(names))
         if self.requested_num_domains is not None and self.requested_num_domains != len(self.domain_names):
             msg = (
@@ -196,6 +221,17 @@ class HistAuGANDataModule(LightningDataModule):
             )
             raise ValueError(msg)
         self._domains = np.array([self.domain_names.index(name) for name in names], dtype=np.int64)
+        if self.spare_paths and self.check_images:  # check images from outside the training cap, per domain
+            spare_names = self._names(source, self.spare_paths)
+            rng = np.random.default_rng(self.seed + 1)
+            held_domains = []
+            for domain, name in enumerate(self.domain_names):
+                candidates = [path for path, other in zip(self.spare_paths, spare_names, strict=True) if other == name]
+                count = min(self.check_images, len(candidates))
+                for index in sorted(rng.choice(len(candidates), count, replace=False).tolist()):
+                    self.check_paths.append(candidates[index])
+                    held_domains.append(domain)
+            self._domains = np.concatenate([self._domains, np.array(held_domains, dtype=np.int64)])
 
     @property
     def num_domains(self) -> int:
@@ -206,18 +242,20 @@ class HistAuGANDataModule(LightningDataModule):
     def _load(self) -> None:
         if self._images is not None:
             return
-        logger.info("HistAuGAN: loading %d images from %s at %d px", len(self.image_paths), self.root, self.image_size)
-        self._images = np.stack([load_image(path, self.image_size) for path in self.image_paths])
+        paths = self.image_paths + self.check_paths
+        logger.info("HistAuGAN: loading %d images from %s at %d px", len(paths), self.root, self.image_size)
+        self._images = np.stack([load_image(path, self.image_size) for path in paths])
         if self._domains is None:
             clusters = self.num_domains
             self._domains = kmeans(colour_statistics(self._images), clusters, seed=self.seed)
             self.domain_names = [f"cluster{index}" for index in range(clusters)]
         counts = np.bincount(self._domains, minlength=self.num_domains)
-        rank_zero_info(f"HistAuGAN domains (images each): {dict(zip(self.domain_names, counts.tolist(), strict=True))}")
+        loaded = dict(zip(self.domain_names, counts.tolist(), strict=True))
+        rank_zero_info(f"HistAuGAN domains (images loaded each, check images included): {loaded}")
 
     @property
     def images(self) -> np.ndarray:
-        """All training images, (N, H, W, 3) uint8 RGB."""
+        """Every image (training, then the check images from outside the cap), (N, H, W, 3) uint8 RGB."""
         self._load()
         assert self._images is not None
         return self._images
@@ -228,17 +266,50 @@ class HistAuGANDataModule(LightningDataModule):
         assert self._domains is not None
         return self._domains
 
+    @property
+    def check_mask(self) -> np.ndarray:
+        """True for the images held out of training for the style check (seeded, per domain)."""
+        if self._check_mask is None:
+            domains = self.domains
+            rng = np.random.default_rng(self.seed + 2)
+            mask = np.zeros(len(domains), dtype=bool)
+            mask[len(self.image_paths) :] = True  # the spare images held at construction
+            for domain in range(self.num_domains):
+                members = np.flatnonzero((domains == domain) & ~mask)
+                needed = self.check_images - int(((domains == domain) & mask).sum())
+                held = max(0, min(needed, len(members) // 4))
+                mask[rng.choice(members, held, replace=False)] = True
+            self._check_mask = mask
+        return self._check_mask
+
+    def domain_sampler(self, train_domains: np.ndarray) -> WeightedRandomSampler:
+        """Domain first, then image: each image weighs ``1 / |its domain|``, so every domain is drawn equally."""
+        counts = np.bincount(train_domains, minlength=self.num_domains)
+        weights = torch.from_numpy(1.0 / counts[train_domains]).double()
+        generator = torch.Generator().manual_seed(self.seed)
+        return WeightedRandomSampler(weights, num_samples=len(train_domains), replacement=True, generator=generator)
+
     def setup(self, stage: str | None = None) -> None:
         del stage
-        self.train_dataset = DomainImageDataset(self.images, self.domains, flip=self.flip)
+        train = ~self.check_mask
+        self.train_dataset = DomainImageDataset(self.images[train], self.domains[train], flip=self.flip)
+        held = np.bincount(self.domains[~train], minlength=self.num_domains).tolist()
+        sampling = "a domain drawn uniformly, then an image" if self.domain_balanced else "images drawn uniformly"
+        rank_zero_info(
+            f"HistAuGAN: {int(train.sum())} training images ({sampling}); held out for the style check: "
+            f"{dict(zip(self.domain_names, held, strict=True))}"
+        )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup()
+        assert self.train_dataset is not None
+        sampler = self.domain_sampler(self.train_dataset.domains.numpy()) if self.domain_balanced else None
         return DataLoader(
             self.train_dataset,
             batch_size=min(self.batch_size, len(self.train_dataset)),
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -3,8 +3,16 @@
 Each batch is paired with itself rolled by one, so every image is both the content source and the
 attribute source of a translation. One step = one discriminator update, then one encoder/generator update.
 At the end of every epoch the per-domain attribute statistics (mean and spread of the attribute means seen
-in that epoch) are written into the generator's buffers; at the end of fit the small generator checkpoint
-that ``HistAuGANAugment`` loads is exported.
+in that epoch) are written into the generator's buffers. At the end of fit they are fitted once more from
+every training image with the final encoder (the per-epoch ones mix encoders of different ages), the small
+generator checkpoint that ``HistAuGANAugment`` loads is exported, and the style check
+(``style_check.check_domain_styles``) is printed and written beside it as ``<checkpoint>.domain_stats.json``.
+
+Budget and stopping rule: ``max_time`` (or ``max_steps``) ends the run. ``min_samples_per_domain`` is the floor a
+domain's style needs (each draw of a domain is one sample; with domain-balanced sampling every domain gets
+``steps x batch_size / num_domains``); a run that ends below it says so. With ``style_check_every_n_steps`` the
+check also runs during training (printed and logged as ``style/*``), and ``stop_at_style_match`` ends the run at
+the first check that has every domain within ``style_tolerance`` once the floor is reached.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning import LightningModule
 from lightning.pytorch.callbacks import Callback
@@ -29,6 +38,8 @@ from .losses import (
 )
 from .networks import ContentDiscriminator, HistAuGANGenerator, ImageDiscriminator
 from .progress import time_budget_bar
+from .style_check import DEFAULT_TOLERANCE, check_domain_styles, report_lines, stats_path, warning_lines, write_report
+from .transform import HistAuGANAugment, keep_grey
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +62,12 @@ class HistAuGAN(LightningModule):
         lambda_*: loss weights (DRIT++ defaults scaled for small CPU batches).
         export_path: where the generator checkpoint goes at the end of fit; default
             ``<trainer log dir>/histaugan_generator.pt``.
+        style_tolerance: grey levels (0-255) a rendering's mean intensity, contrast and channel means may be off
+            the target domain's real images before the style check warns (2: the dice lighting goal).
+        style_check_every_n_steps: also run the style check every so many training steps (0: only after fit).
+        min_samples_per_domain: samples each domain needs before its style counts as trained; fewer at the end
+            of the run gives a warning, and ``stop_at_style_match`` never stops below it.
+        stop_at_style_match: end training at the first in-training check with every domain within tolerance.
     """
 
     def __init__(
@@ -72,6 +89,10 @@ class HistAuGAN(LightningModule):
         lambda_latent: float = 10.0,
         lambda_content: float = 1.0,
         export_path: str | None = None,
+        style_tolerance: float = DEFAULT_TOLERANCE,
+        style_check_every_n_steps: int = 0,
+        min_samples_per_domain: int = 0,
+        stop_at_style_match: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -83,6 +104,9 @@ class HistAuGAN(LightningModule):
         self.content_discriminator = ContentDiscriminator(4 * base_channels, num_domains)
         self.domain_names = [f"domain{index}" for index in range(num_domains)]
         self._reset_attribute_accumulators()
+        self.domain_samples = torch.zeros(num_domains, dtype=torch.long)  # draws of each domain over the whole fit
+        self._training_batches = 0
+        self.style_report: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -230,6 +254,11 @@ class HistAuGAN(LightningModule):
         generator_optimizer.step()
 
         self._accumulate_attributes(out["mean"].detach(), domains)
+        self.domain_samples += torch.bincount(domains.cpu(), minlength=self.hparams.num_domains)
+        self._training_batches += 1
+        every = self.hparams.style_check_every_n_steps
+        if every > 0 and self._training_batches % every == 0:
+            self._style_check_during_training()
         self.log("train/discriminator", discriminator_loss.detach(), on_step=True, on_epoch=True, sync_dist=True)
         for name, value in losses.items():
             self.log(
@@ -263,6 +292,42 @@ class HistAuGAN(LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             for name in ("_attribute_sum", "_attribute_square_sum", "_attribute_count"):
                 setattr(self, name, self.all_gather(getattr(self, name).to(self.device)).sum(0).cpu())
+        self._fit_from_accumulators()
+
+    @torch.no_grad()
+    def attribute_statistics(
+        self, images: torch.Tensor, domains: torch.Tensor, batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each domain's attribute Gaussian (mean, std) from the given float images, encoded by the current
+        attribute encoder; a domain without images keeps the stored statistics."""
+        net = self.renderer
+        num_domains = net.num_domains
+        total = torch.zeros(num_domains, net.attribute_dim, dtype=torch.float64)
+        square = torch.zeros_like(total)
+        count = torch.zeros(num_domains, dtype=torch.float64)
+        for image_batch, domain_batch in zip(images.split(batch_size), domains.split(batch_size), strict=True):
+            device_domains = domain_batch.to(self.device)
+            encoded, _ = net.attribute_encoder(image_batch.to(self.device), net.onehot(device_domains))
+            encoded = encoded.cpu().double()
+            total.index_add_(0, domain_batch, encoded)
+            square.index_add_(0, domain_batch, encoded**2)
+            count.index_add_(0, domain_batch, torch.ones(len(domain_batch), dtype=torch.float64))
+        mean, std = net.attribute_mean.detach().clone(), net.attribute_std.detach().clone()
+        seen = count > 0
+        if seen.any():
+            fitted = total[seen] / count[seen, None]
+            variance = (square[seen] / count[seen, None] - fitted**2).clamp_min(0)
+            mean[seen.to(mean.device)] = fitted.float().to(mean)
+            std[seen.to(std.device)] = variance.sqrt().clamp_min(1e-3).float().to(std)
+        return mean, std
+
+    def fit_attribute_statistics(self, images: torch.Tensor, domains: torch.Tensor) -> None:
+        """Store ``attribute_statistics`` of these images in the generator's buffers (what the export carries)."""
+        mean, std = self.attribute_statistics(images, domains)
+        self.renderer.attribute_mean.copy_(mean)
+        self.renderer.attribute_std.copy_(std)
+
+    def _fit_from_accumulators(self) -> None:
         seen = self._attribute_count > 0
         if not seen.any():
             return
@@ -274,6 +339,89 @@ class HistAuGAN(LightningModule):
         buffers.attribute_std[seen.to(buffers.attribute_std.device)] = (
             variance.sqrt().clamp_min(1e-3).float().to(buffers.attribute_std)
         )
+
+    def _check_data(self) -> tuple[Any, ...] | None:
+        """The datamodule's images, domains and held-out mask, when it has them (``HistAuGANDataModule`` does)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not all(hasattr(datamodule, name) for name in ("images", "domains", "check_mask")):
+            return None
+        return datamodule.images, datamodule.domains, datamodule.check_mask
+
+    @staticmethod
+    def _training_tensors(data: tuple[Any, ...], per_domain: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training images (not the held ones) as floats, at most ``per_domain`` of each domain (seeded)."""
+        images, domains, held = data
+        chosen = ~held
+        if per_domain is not None:
+            rng = np.random.default_rng(0)
+            chosen = np.zeros_like(held)
+            for domain in np.unique(domains):
+                members = np.flatnonzero((domains == domain) & ~held)
+                chosen[rng.choice(members, min(per_domain, len(members)), replace=False)] = True
+        tensors = torch.from_numpy(images[chosen]).permute(0, 3, 1, 2).float() / 255
+        return tensors, torch.from_numpy(domains[chosen])
+
+    def _style_check_during_training(self) -> None:
+        data = self._check_data()
+        if data is None:
+            return
+        # statistics of the current encoder (as the export will have), from a subset of each domain: cheap
+        attribute_mean, attribute_std = self.attribute_statistics(*self._training_tensors(data, per_domain=64))
+        net = self.renderer
+
+        def render(images: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+            images, domains = images.to(self.device), domains.to(self.device)
+            attributes = attribute_mean[domains] + torch.randn_like(attribute_mean[domains]) * attribute_std[domains]
+            return keep_grey(images, net.render(images, domains, attributes)).clamp(0, 1).cpu()
+
+        report = check_domain_styles(render, *data, self.domain_names, self.hparams.style_tolerance)
+        checked = [entry for entry in report["domains"].values() if "within_tolerance" in entry]
+        within = sum(entry["within_tolerance"] for entry in checked)
+        self.log("style/max_abs_mean_intensity_difference", report["max_abs_mean_intensity_difference"])
+        self.log("style/domains_within_tolerance", float(within))
+        floor_reached = bool((self.domain_samples >= self.hparams.min_samples_per_domain).all())
+        if self.trainer.is_global_zero:
+            differences = " ".join(
+                f"{name} {entry['difference']['mean_intensity']:+.1f}"
+                for name, entry in report["domains"].items()
+                if "difference" in entry
+            )
+            print(  # noqa: T201  (the training command's running account of the style)
+                f"style check, step {self._training_batches}: mean intensity off by {differences} grey levels; "
+                f"{within}/{len(checked)} domains within {self.hparams.style_tolerance:g}",
+                flush=True,
+            )
+        if self.hparams.stop_at_style_match and report["all_within_tolerance"] and floor_reached:
+            if self.trainer.is_global_zero:
+                print(f"style check: every domain within tolerance at step {self._training_batches}: stopping")  # noqa: T201
+            self.trainer.should_stop = True
+
+    def _final_style_check(self, checkpoint: Path) -> None:
+        """Render held images of other domains into each domain with the exported generator; print and write."""
+        data = self._check_data()
+        if data is None:
+            return
+        augment = HistAuGANAugment(checkpoint, p=1.0)
+        report = check_domain_styles(augment.render, *data, augment.domain_names, self.hparams.style_tolerance)
+        report["checkpoint"] = str(checkpoint)
+        report["training_steps"] = self._training_batches
+        report["samples_per_domain"] = dict(zip(self.domain_names, self.domain_samples.tolist(), strict=True))
+        report["min_samples_per_domain"] = self.hparams.min_samples_per_domain
+        self.style_report = report
+        written = write_report(report, stats_path(checkpoint))
+        lines = report_lines(report)
+        lines += [f"samples per domain: {report['samples_per_domain']} over {self._training_batches} steps"]
+        floor = report["min_samples_per_domain"]
+        short = [name for name, count in report["samples_per_domain"].items() if count < floor]
+        if short:
+            lines.append(
+                f"WARNING: HistAuGAN domains {', '.join(short)} got fewer than min_samples_per_domain="
+                f"{report['min_samples_per_domain']} samples: the budget ended before their style was trained"
+            )
+        lines += warning_lines(report, checkpoint)
+        lines.append(f"style check written to {written}")
+        for line in lines:
+            print(line)  # noqa: T201  (the training command's report)
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -301,6 +449,10 @@ class HistAuGAN(LightningModule):
             log_dir = self.trainer.log_dir or self.trainer.default_root_dir
             path = Path(log_dir) / EXPORT_FILE_NAME
         if self.trainer.is_global_zero:
+            data = self._check_data()
+            if data is not None:  # the final encoder's statistics over every training image
+                self.fit_attribute_statistics(*self._training_tensors(data))
             written = self.export_generator(path)
             logger.info("HistAuGAN generator exported to %s", written)
             print(f"HistAuGAN generator exported to {written}")  # noqa: T201  (the CLI user needs the path)
+            self._final_style_check(written)

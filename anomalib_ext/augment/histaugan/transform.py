@@ -27,6 +27,13 @@ def is_pure_tensor(item: Any) -> bool:  # noqa: ANN401
     return isinstance(item, torch.Tensor) and not isinstance(item, tv_tensors.TVTensor)
 
 
+def keep_grey(sources: torch.Tensor, rendered: torch.Tensor) -> torch.Tensor:
+    """A grey image stored as RGB (the dice set) stays grey: a colour cast is no lighting a camera gives it."""
+    grey = (sources.amax(dim=1) - sources.amin(dim=1)).flatten(1).amax(dim=1) == 0
+    rendered[grey] = rendered[grey].mean(dim=1, keepdim=True).expand(-1, rendered.shape[1], -1, -1)
+    return rendered
+
+
 class HistAuGANAugment(Transform):
     """With probability ``p``, keep an image's content and give it the style of a random (or fixed) domain.
 
@@ -101,11 +108,7 @@ class HistAuGANAugment(Transform):
             small = F.interpolate(batch, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
             change = generator.render(small, domains.to(device)) - small
             rendered = batch + F.interpolate(change, size=(height, width), mode="bilinear", align_corners=False)
-        if channels == 1:
-            rendered = rendered.mean(dim=1, keepdim=True)
-        else:  # a grey image stored as RGB (the dice set) stays grey: a colour cast is no lighting a camera gives it
-            grey = (batch.amax(dim=1) - batch.amin(dim=1)).flatten(1).amax(dim=1) == 0
-            rendered[grey] = rendered[grey].mean(dim=1, keepdim=True).expand(-1, channels, -1, -1)
+        rendered = rendered.mean(dim=1, keepdim=True) if channels == 1 else keep_grey(batch, rendered)
         return rendered.clamp(0, 1).to(device=images.device, dtype=images.dtype)
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:

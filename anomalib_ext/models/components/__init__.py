@@ -5,7 +5,8 @@
 - ``backbone``: offline timm feature extractors, layer defaults, ``InputNormalizer``
 - ``filters``: ``GaussianBlur`` and ``SSIMMap``
 - ``stats``: image scores from maps, robust statistics, k-medoids, ``MapStandardizer``; ``kde``: feature densities
-- ``sampling``: reservoir and coreset samplers; ``alignment``: NCC pose search; ``tiling``: tile grids
+- ``sampling``: reservoir and coreset samplers; ``alignment``: NCC pose search; ``tiling``: tile grids;
+  ``image_tiling``: a network run on tiles of a large image (anomalib's ``Tiler``), outputs stitched back
 - ``autoencoder``, ``cutpaste``; ``class_from_path`` is re-exported from ``anomalib_ext.data.class_folders``
 - ``thresholds``: ``RobustThresholdPostProcessor``, the image threshold every model uses (docs/thresholds.md)
 - ``distributed``: merging fit data across DDP ranks (no-ops on one process); makes ``ddp_spawn`` pickle the CLI
@@ -47,6 +48,7 @@ from .distributed import (
     with_image_paths,
 )
 from .filters import GaussianBlur, SSIMMap, gaussian_kernel_1d
+from .image_tiling import ImageTiling, TiledNetwork
 from .stats import (
     MapMoments,
     MapStandardizer,
@@ -58,6 +60,8 @@ from .stats import (
 from .thresholds import NormalScoreWindow, RobustThresholdPostProcessor
 
 __all__ = [
+    "ImageTiling",
+    "TiledNetwork",
     "CHECKPOINT_VERSION_KEY",
     "AutoencoderOutput",
     "ConvAutoencoder",

@@ -5,6 +5,12 @@ it was trained with, which timm records in the model's ``pretrained_cfg`` (``tf_
 std = 0.5, not ImageNet's). ``InputNormalizer`` applies them to raw [0, 1] images inside the torch model, so
 the pre-processor only resizes, the exported graph contains the normalisation, and training-time image
 changes (synthetic defects, augmentations, fastdup's raw tiles) all work on plain images.
+
+``per_image`` photometric standardisation: each image standardised by its own per-channel mean and standard
+deviation, which is what the backbone's standardisation gives an image whose statistics equal the backbone's
+(``(x - m) / s`` mapped to the backbone's mean and std, then standardised by them, is ``(x - m) / s`` again). A
+change of brightness or contrast (``a * x + b`` per channel: gain, offset, a colour temperature's per-channel
+gains) then leaves the features unchanged; a gamma or a vignette only partly (docs/lighting.md measures it).
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ DEFAULT_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
 # globally pooled image descriptors (Dfkdm): deeper, more semantic layers, /8 to /32
 DEFAULT_POOLED_LAYERS = ("blocks.2", "blocks.4", "blocks.6")
 
-InputNormalization = Literal["backbone", "imagenet"]
-INPUT_NORMALIZATIONS: tuple[str, ...] = ("backbone", "imagenet")
+InputNormalization = Literal["backbone", "imagenet", "per_image"]
+INPUT_NORMALIZATIONS: tuple[str, ...] = ("backbone", "imagenet", "per_image")
+# ``per_image``: the smallest per-channel standard deviation divided by, so a flat image stays finite; below one
+# 8-bit grey level (1/255), so any image with texture is standardised exactly
+PER_IMAGE_MIN_STD = 1e-4
 # the "imagenet" option: the statistics anomalib's default pre-processor uses
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,30 +69,39 @@ def backbone_mean_std(backbone: str) -> tuple[tuple[float, ...], tuple[float, ..
 
 
 def normalization_stats(backbone: str, mode: InputNormalization) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) for ``mode``: ``backbone`` = the backbone's own statistics, ``imagenet`` = ImageNet's."""
+    """(mean, std) for ``mode``: ``backbone`` = the backbone's own statistics, ``imagenet`` = ImageNet's,
+    ``per_image`` = the backbone's (kept for the record: ``InputNormalizer`` then uses each image's own)."""
     if mode not in INPUT_NORMALIZATIONS:
         msg = f"input_normalization must be one of {INPUT_NORMALIZATIONS}, got {mode!r}"
         raise ValueError(msg)
-    return backbone_mean_std(backbone) if mode == "backbone" else (IMAGENET_MEAN, IMAGENET_STD)
+    return (IMAGENET_MEAN, IMAGENET_STD) if mode == "imagenet" else backbone_mean_std(backbone)
 
 
 class InputNormalizer(nn.Module):
     """``(images - mean) / std`` per channel for raw [0, 1] images, with the statistics as buffers (exportable).
 
-    Build it with ``InputNormalizer.for_backbone(backbone, mode)``.
+    With ``per_image`` the mean and std are each image's own, per channel (pure tensor ops, no data-dependent
+    branch: the exported graph computes them). Build it with ``InputNormalizer.for_backbone(backbone, mode)``.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], per_image: bool = False) -> None:
         super().__init__()
+        self.per_image = per_image
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     @classmethod
     def for_backbone(cls, backbone: str, mode: InputNormalization = "backbone") -> InputNormalizer:
-        return cls(*normalization_stats(backbone, mode))
+        return cls(*normalization_stats(backbone, mode), per_image=mode == "per_image")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.per_image:  # a constructor setting, the same for every input
+            mean = images.mean(dim=(2, 3), keepdim=True)
+            std = (images - mean).square().mean(dim=(2, 3), keepdim=True).sqrt().clamp_min(PER_IMAGE_MIN_STD)
+            return (images - mean) / std
         return (images - self.mean) / self.std
 
     def extra_repr(self) -> str:
+        if self.per_image:
+            return "per_image=True (each image's own per-channel mean and std)"
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"

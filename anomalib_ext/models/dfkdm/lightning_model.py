@@ -38,6 +38,7 @@ from anomalib_ext.models.components import (
     ExtModelMixin,
     FitOnlyHooks,
     ImageSize,
+    ImageTiling,
     InputNormalization,
     ReconstructionLoss,
     as_pair,
@@ -101,7 +102,8 @@ class Dfkdm(FitOnlyHooks, _FittedDensityHooks, ExtModelMixin, MemoryBankMixin, A
         backbone: timm architecture with offline weights (``tf_efficientnet_lite0/1/2``).
         layers: backbone layers whose global-average-pooled activations are concatenated.
         input_normalization: how the torch model standardises the [0, 1] images for the backbone: ``backbone``
-            (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``) or ``imagenet``.
+            (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``), ``imagenet`` or ``per_image``
+            (each image's own per-channel mean/std: holds under brightness/contrast changes, docs/lighting.md).
         pre_trained: load the pretrained backbone weights.
         density: the density of the normal features: a ``DensitySettings``, or a mapping of some of its fields
             (``kind``, ``bandwidth``, ``n_components``, ``residual``, ``feature_scaling``,
@@ -112,6 +114,8 @@ class Dfkdm(FitOnlyHooks, _FittedDensityHooks, ExtModelMixin, MemoryBankMixin, A
             unaffected.
         image_size: resize target of the default pre-processor (antialiased, no normalisation: the torch model
             normalises for the backbone, so the export contains it).
+        image_tiling: ``ImageTiling`` or a mapping of its keys (``tile_size``, ``stride``, ``tile_batch``): run the
+            backbone on tiles of a large ``image_size``, pool the stitched features.
         check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
             bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
@@ -129,6 +133,7 @@ class Dfkdm(FitOnlyHooks, _FittedDensityHooks, ExtModelMixin, MemoryBankMixin, A
         density: DensitySettings = DensitySettings(),  # noqa: B008  (frozen, so sharing the default is safe)
         calibrate: bool = False,
         image_size: ImageSize = 256,
+        image_tiling: ImageTiling = ImageTiling(),  # noqa: B008
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -143,6 +148,8 @@ class Dfkdm(FitOnlyHooks, _FittedDensityHooks, ExtModelMixin, MemoryBankMixin, A
             pre_trained=pre_trained,
             density=DensitySettings.coerce(density),
             calibrate=calibrate,
+            image_tiling=ImageTiling.coerce(image_tiling),
+            image_size=self.image_size,
         )
         self._features: list[torch.Tensor] = []
         self._image_paths: list[str] | None = []  # of the collected features (None: some batch had none)

@@ -29,6 +29,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_ext.models.components import (
     GaussianBlur,
+    ImageTiling,
     InputNormalization,
     InputNormalizer,
     build_feature_extractor,
@@ -145,7 +146,7 @@ class _DensityScorer(nn.Module):
 class DfkdmModel(_DensityScorer):
     """Pooled pretrained-backbone features followed by a ``FeatureDensity``, on raw [0, 1] images.
 
-    The arguments are ``Dfkdm``'s (documented there).
+    The arguments are ``Dfkdm``'s (documented there), ``image_size`` as an ``(H, W)`` pair (needed with tiling).
     """
 
     def __init__(
@@ -157,6 +158,8 @@ class DfkdmModel(_DensityScorer):
         pre_trained: bool,
         density: DensitySettings,
         calibrate: bool,
+        image_tiling: ImageTiling | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(density, calibrate)
         if not layers:
@@ -164,11 +167,13 @@ class DfkdmModel(_DensityScorer):
             raise ValueError(msg)
         self.normalize = InputNormalizer.for_backbone(backbone, input_normalization)
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained=pre_trained)
+        self.image_tiling = image_tiling or ImageTiling()
+        self.image_tiling.check(image_size)
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Concatenated global-average-pooled backbone activations of [0, 1] images: (N, sum of layer channels)."""
         self.feature_extractor.eval()  # frozen: BatchNorm statistics must not move during "training"
-        layer_outputs = self.feature_extractor(self.normalize(images))
+        layer_outputs = self.image_tiling.run(self.feature_extractor, self.normalize(images))
         return torch.cat([F.adaptive_avg_pool2d(output, 1).flatten(1) for output in layer_outputs.values()], dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:

@@ -29,6 +29,8 @@ from anomalib_ext.models.components import (
     ExtModelMixin,
     FitOnlyHooks,
     ImageSize,
+    ImageTiling,
+    InputNormalization,
     gather_reservoir,
     gather_rows,
     with_image_paths,
@@ -57,6 +59,11 @@ class Fused(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
         map_sigma: Gaussian smoothing of the painted tile map in pixels (0 = none).
         fusion: ``mean`` of the two standardised scores (evidence from both adds up) or their ``max`` (either one
             alone decides).
+        input_normalization: how the [0, 1] images are standardised for the backbone: ``backbone`` (the
+            mean/std its pretrained weights expect), ``imagenet`` or ``per_image`` (each image's own, which makes
+            the features hold under brightness/contrast changes; docs/lighting.md).
+        image_tiling: ``ImageTiling`` or a mapping of its keys (``tile_size``, ``stride``, ``tile_batch``): run the
+            backbone on tiles of a large ``image_size`` and stitch its features (configs/fused/mvtec_large.yaml).
         check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
             bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
@@ -76,6 +83,8 @@ class Fused(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
         max_bank_tiles: int = 13_456,
         map_sigma: float = 4.0,
         fusion: Fusion = "mean",
+        input_normalization: InputNormalization = "backbone",
+        image_tiling: ImageTiling = ImageTiling(),  # noqa: B008  (frozen: a shared default is safe)
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -93,6 +102,8 @@ class Fused(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
             max_bank_tiles=max_bank_tiles,
             map_sigma=map_sigma,
             fusion=fusion,
+            input_normalization=input_normalization,
+            image_tiling=ImageTiling.coerce(image_tiling),
         )
         self._reset_collected()
 

@@ -23,7 +23,13 @@ from anomalib.models.components.feature_extractors import dryrun_find_featuremap
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_ext.models.components import InputNormalizer, build_feature_extractor, robust_center_scale
+from anomalib_ext.models.components import (
+    ImageTiling,
+    InputNormalization,
+    InputNormalizer,
+    build_feature_extractor,
+    robust_center_scale,
+)
 from anomalib_ext.models.components.kde import FeatureDensity
 from anomalib_ext.models.components.tile_scoring import TileOutlierScorer, build_tile_grid
 
@@ -98,6 +104,8 @@ class FusedModel(nn.Module):
         max_bank_tiles: int,
         map_sigma: float,
         fusion: Fusion,
+        input_normalization: InputNormalization = "backbone",
+        image_tiling: ImageTiling | None = None,
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
@@ -107,12 +115,14 @@ class FusedModel(nn.Module):
             msg = "tile_layers and density_layers must each name at least one backbone layer"
             raise ValueError(msg)
         self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.image_tiling = image_tiling or ImageTiling()
+        self.image_tiling.check(self.image_size)
         self.tile_layers, self.density_layers = list(tile_layers), list(density_layers)
         layers = list(dict.fromkeys([*self.tile_layers, *self.density_layers]))  # one pass, each layer once
         self.fusion = fusion
-        self.normalize = InputNormalizer.for_backbone(backbone, "backbone")
+        self.normalize = InputNormalizer.for_backbone(backbone, input_normalization)
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained=True)
-        dims = dryrun_find_featuremap_dims(self.feature_extractor, self.image_size, layers)
+        dims = dryrun_find_featuremap_dims(self.image_tiling.wrap(self.feature_extractor), self.image_size, layers)
         self.tiles = TileOutlierScorer(
             grid=build_tile_grid(self.image_size, None, tile_size, stride),
             layer_resolutions={layer: tuple(dims[layer]["resolution"]) for layer in self.tile_layers},
@@ -129,7 +139,7 @@ class FusedModel(nn.Module):
     def extract(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One backbone pass: ``(B, rows, cols, D)`` tile embeddings and ``(B, C)`` pooled global features."""
         self.feature_extractor.eval()  # frozen: BatchNorm statistics must not move during "training"
-        features = self.feature_extractor(self.normalize(images))
+        features = self.image_tiling.run(self.feature_extractor, self.normalize(images))
         pooled = [F.adaptive_avg_pool2d(features[layer], 1).flatten(1) for layer in self.density_layers]
         return self.tiles.pool_tiles(features), torch.cat(pooled, dim=1)
 

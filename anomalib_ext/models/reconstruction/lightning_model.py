@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from anomalib_ext.models.components import (
     ExtModelMixin,
     ImageSize,
+    ImageTiling,
     MapMoments,
     gather_objects,
     is_distributed,
@@ -54,6 +55,8 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
         map_sigma: Gaussian blur of the anomaly map, pixels (0 = none).
         topk_fraction: image score = mean of the top ``topk_fraction`` of map pixels, in (0, 1].
         learning_rate: Adam's learning rate.
+        image_tiling: ``ImageTiling`` or a mapping of its keys (``tile_size``, ``stride``, ``tile_batch``): the
+            network is built for and trained on tiles of a large ``image_size``, its reconstructions stitched.
         check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
             bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: as in every anomalib model. The default
@@ -84,6 +87,7 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
         map_sigma: float = 2.0,
         topk_fraction: float = 0.01,
         learning_rate: float = 1e-3,
+        image_tiling: ImageTiling = ImageTiling(),  # noqa: B008
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -104,6 +108,7 @@ class Reconstruction(ExtModelMixin, AnomalibModule):
                 anomaly_map_mode=anomaly_map_mode,
                 map_sigma=map_sigma,
                 topk_fraction=topk_fraction,
+                image_tiling=ImageTiling.coerce(image_tiling),
             )
             self.loss = build_loss(LossWeights.coerce(loss_weights))
         except ValueError as error:

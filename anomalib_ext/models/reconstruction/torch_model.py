@@ -16,6 +16,7 @@ from anomalib_ext.models.components import (
     AutoencoderOutput,
     ConvAutoencoder,
     GaussianBlur,
+    ImageTiling,
     MapMoments,
     MapStandardizer,
     SSIMMap,
@@ -49,6 +50,7 @@ class ReconstructionModel(nn.Module):
         anomaly_map_mode: MapMode,
         map_sigma: float,
         topk_fraction: float,
+        image_tiling: ImageTiling | None = None,
         in_channels: int = 3,
     ) -> None:
         super().__init__()
@@ -64,9 +66,13 @@ class ReconstructionModel(nn.Module):
         self.variant = variant
         self.anomaly_map_mode = anomaly_map_mode
         self.topk_fraction = check_topk_fraction(topk_fraction)
+        # with tiling, the autoencoder is built for (and trained on) tiles; its reconstructions are stitched
+        self.image_tiling = image_tiling or ImageTiling()
+        self.image_tiling.check(tuple(image_size))
+        network_size = image_size if self.image_tiling.tile_size is None else self.image_tiling.tile_size
         self.autoencoder = ConvAutoencoder(
             in_channels=in_channels,
-            image_size=image_size,
+            image_size=network_size,
             latent_dim=latent_dim,
             base_channels=base_channels,
             num_downsamples=num_downsamples,
@@ -78,7 +84,7 @@ class ReconstructionModel(nn.Module):
         self.smoothing = GaussianBlur(map_sigma, padding="replicate")
         # identity until fitted; the spread is floored by its own average over the image, so pixels where normal
         # images are always reconstructed perfectly (flat background) do not turn noise into huge scores
-        self.map_stats = MapStandardizer(floor="mean", min_scale=1e-6, shape=(1, 1, *self.autoencoder.image_size))
+        self.map_stats = MapStandardizer(floor="mean", min_scale=1e-6, shape=(1, 1, *image_size))
         # running sums of the training maps since the last ``fit`` (not state: only ``map_stats`` is kept)
         self.map_moments = MapMoments()
 
@@ -90,7 +96,12 @@ class ReconstructionModel(nn.Module):
         the VAE decodes its mean code once more, as it does at inference.
         """
         reconstruction = output.reconstruction
-        if output.mu is not None:
+        if output.mu is not None and self.image_tiling.enabled:  # the mean code of every tile, stitched
+            was_training = self.autoencoder.training
+            self.autoencoder.eval()  # a VAE decodes its mean code in eval mode
+            reconstruction = self.reconstruct(images).reconstruction
+            self.autoencoder.train(was_training)
+        elif output.mu is not None:
             reconstruction = self.autoencoder.decode(output.mu)
         self.map_moments.add(self.raw_anomaly_map(images, reconstruction.detach()))
 
@@ -126,9 +137,14 @@ class ReconstructionModel(nn.Module):
         """(N, 1, H, W) anomaly map: the smoothed error, standardised per pixel (identity until ``fit``)."""
         return self.map_stats(self.raw_anomaly_map(images, reconstruction))
 
+    def reconstruct(self, images: torch.Tensor) -> AutoencoderOutput:
+        """The autoencoder's output for whole images: run on tiles and stitched when ``image_tiling`` is on (its
+        codes are then one per tile)."""
+        return self.image_tiling.run(self.autoencoder, images)
+
     def forward(self, images: torch.Tensor) -> AutoencoderOutput | InferenceBatch:
         """Autoencoder output in training mode; ``InferenceBatch`` (score and map) in eval mode."""
-        output = self.autoencoder(images)
+        output = self.reconstruct(images)
         if self.training:
             return output
         anomaly_map = self.anomaly_map(images, output.reconstruction)

@@ -32,7 +32,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from anomalib_ext.models.components import DEFAULT_BACKBONE, DEFAULT_LAYERS, ExtModelMixin, ImageSize
+from anomalib_ext.models.components import DEFAULT_BACKBONE, DEFAULT_LAYERS, ExtModelMixin, ImageSize, ImageTiling
 from anomalib_ext.models.components.settings import Settings
 from anomalib_ext.models.components.training_budget import DEFAULT_MIN_STEPS, ensure_min_steps
 
@@ -110,6 +110,8 @@ class TeacherStudent(ExtModelMixin, AnomalibModule):
             instead, and takes its image threshold from held-out variations of it (the datamodule's validation
             images only set the normalisation and the pixel threshold).
         image_size: side (or (height, width)) the default pre-processor resizes to.
+        image_tiling: ``ImageTiling`` or a mapping of its keys (``tile_size``, ``stride``, ``tile_batch``): teacher
+            and student run on tiles of a large ``image_size``, their features stitched.
         check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
             bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: as in every anomalib model.
@@ -134,6 +136,7 @@ class TeacherStudent(ExtModelMixin, AnomalibModule):
         teacher_finetuning: TeacherFinetuning | None = None,
         single_template: SingleTemplate | None = None,
         image_size: ImageSize = 256,
+        image_tiling: ImageTiling = ImageTiling(),  # noqa: B008
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -154,6 +157,8 @@ class TeacherStudent(ExtModelMixin, AnomalibModule):
             anomaly_map_mode=anomaly_map_mode,
             map_sigma=map_sigma,
             topk_fraction=topk_fraction,
+            image_tiling=ImageTiling.coerce(image_tiling),
+            image_size=self.image_size,
         )
         self.variation = NormalVariation(self.augmentation)
         self.defects = SyntheticDefects()

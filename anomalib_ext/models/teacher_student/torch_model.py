@@ -12,7 +12,13 @@ from anomalib.data import InferenceBatch
 from anomalib.models.components import TimmFeatureExtractor
 from torch import nn
 
-from anomalib_ext.models.components import GaussianBlur, InputNormalizer, build_feature_extractor, topk_mean
+from anomalib_ext.models.components import (
+    GaussianBlur,
+    ImageTiling,
+    InputNormalizer,
+    build_feature_extractor,
+    topk_mean,
+)
 from anomalib_ext.models.components.stats import check_topk_fraction
 
 from .anomaly_map import ANOMALY_MAP_MODES, cosine_anomaly_map
@@ -20,7 +26,7 @@ from .anomaly_map import ANOMALY_MAP_MODES, cosine_anomaly_map
 
 class TeacherStudentModel(nn.Module):
     """Teacher and student feature pyramids (same architecture) plus a small classifier head used to fine-tune the
-    teacher. The arguments are ``TeacherStudent``'s, documented there."""
+    teacher. The arguments are ``TeacherStudent``'s, documented there (``image_size`` as an ``(H, W)`` pair)."""
 
     def __init__(
         self,
@@ -30,6 +36,8 @@ class TeacherStudentModel(nn.Module):
         anomaly_map_mode: str,
         map_sigma: float,
         topk_fraction: float,
+        image_tiling: ImageTiling | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if anomaly_map_mode not in ANOMALY_MAP_MODES:
@@ -39,6 +47,9 @@ class TeacherStudentModel(nn.Module):
             msg = "layers must name at least one feature layer"
             raise ValueError(msg)
         self.layers = list(layers)
+        # teacher and student both run on tiles of a large image (their features stitched), or on the whole image
+        self.image_tiling = image_tiling or ImageTiling()
+        self.image_tiling.check(image_size)
         self.anomaly_map_mode = anomaly_map_mode
         self.topk_fraction = check_topk_fraction(topk_fraction, allow_zero=True)
         # the mean/std the teacher's pretrained weights expect (timm's pretrained_cfg); the student sees the same
@@ -55,12 +66,12 @@ class TeacherStudentModel(nn.Module):
     # ------------------------------------------------------------------------------------------ features
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Teacher features of [0, 1] images, one tensor per layer."""
-        features = self.teacher(self.normalize(images))
+        features = self.image_tiling.run(self.teacher, self.normalize(images))
         return [features[layer] for layer in self.layers]
 
     def student_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Student features of [0, 1] images, one tensor per layer."""
-        features = self.student(self.normalize(images))
+        features = self.image_tiling.run(self.student, self.normalize(images))
         return [features[layer] for layer in self.layers]
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from anomalib_ext.models.components import (
     ExtModelMixin,
     FitOnlyHooks,
     ImageSize,
+    ImageTiling,
     InputNormalization,
     gather_reservoir,
 )
@@ -102,11 +103,14 @@ class TileOutlier(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
             ``crop_size``).
         backbone, layers, pre_trained: the offline timm backbone and the layers of the tile embedding.
         input_normalization: how the torch model standardises the [0, 1] images for the backbone: ``backbone``
-            (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``) or ``imagenet``.
+            (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``), ``imagenet`` or ``per_image``
+            (each image's own per-channel mean/std: holds under brightness/contrast changes, docs/lighting.md).
         search: ``SearchSettings`` or a mapping of its keys (``position_aware``, ``neighborhood``,
             ``num_neighbors``).
         memory_bank: ``MemoryBankSettings`` or a mapping of its keys (``max_tiles``, ``max_fit_tiles``).
         map_sigma: Gaussian smoothing of the painted map in pixels (0 = none).
+        image_tiling: ``ImageTiling`` or a mapping of its keys (``tile_size``, ``stride``, ``tile_batch``): run the
+            backbone on tiles of a large ``image_size`` and stitch its features (configs/tile_outlier/mvtec_large.yaml).
         backend: ``torch`` (exportable) or ``fastdup`` (fastdup's model embeds the tiles, through PNG files in a
             temporary directory; optional extra).
         check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
@@ -114,9 +118,10 @@ class TileOutlier(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
     """
 
-    # INT8_PTQ quantises the backbone convolutions only; tile pooling, the nearest-neighbour search over the bank,
-    # painting and blurring the map stay in float (README, "Export and INT8")
-    int8_modules: ClassVar[tuple[str, ...]] = ("model.feature_extractor",)
+    # INT8_PTQ quantises the backbone convolutions and the search's similarity product with the bank
+    # (components.tile_scoring.BankSimilarity); tile pooling, the top-k, painting and blurring the map stay in float
+    # (README, "Export and INT8")
+    int8_modules: ClassVar[tuple[str, ...]] = ("model.feature_extractor", "model.bank_similarity")
 
     def __init__(
         self,
@@ -129,6 +134,7 @@ class TileOutlier(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
         search: SearchSettings = SearchSettings(),  # noqa: B008
         memory_bank: MemoryBankSettings = MemoryBankSettings(),  # noqa: B008
         map_sigma: float = 4.0,
+        image_tiling: ImageTiling = ImageTiling(),  # noqa: B008
         backend: Backend = "torch",
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
@@ -166,6 +172,7 @@ class TileOutlier(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
             num_neighbors=neighbours.num_neighbors,
             max_bank_size=bank.max_tiles,
             map_sigma=map_sigma,
+            image_tiling=ImageTiling.coerce(image_tiling),
         )
         self.max_fit_tiles = bank.max_fit_tiles
         self.max_tiles = bank.max_tiles

@@ -15,6 +15,7 @@ from anomalib.models.components.feature_extractors import dryrun_find_featuremap
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_ext.models.components import InputNormalization, InputNormalizer, build_feature_extractor
+from anomalib_ext.models.components.image_tiling import ImageTiling
 from anomalib_ext.models.components.tile_scoring import TileOutlierScorer, build_tile_grid, normalise_and_join
 
 EMBED_MODES = ("pool", "crop")
@@ -29,6 +30,7 @@ class TileOutlierModel(TileOutlierScorer):
     ``max_bank_size`` is ``MemoryBankSettings.max_tiles``. The other:
 
     Args:
+        image_tiling: where the backbone runs on tiles of the image (``ImageTiling``; off by default).
         tile_chunk: tiles processed at once when scoring or cropping, bounding memory.
     """
 
@@ -50,17 +52,23 @@ class TileOutlierModel(TileOutlierScorer):
         num_neighbors: int,
         max_bank_size: int,
         map_sigma: float,
+        image_tiling: ImageTiling | None = None,
         tile_chunk: int = 256,
     ) -> None:
         if embed not in EMBED_MODES:
             msg = f"embed must be one of {EMBED_MODES}, got '{embed}'"
             raise ValueError(msg)
         size = (int(image_size[0]), int(image_size[1]))
+        image_tiling = image_tiling or ImageTiling()
+        image_tiling.check(size)
+        if image_tiling.enabled and embed != "pool":
+            msg = "image_tiling needs tiling.embed 'pool' ('crop' already embeds every tile on its own)"
+            raise ValueError(msg)
         grid = build_tile_grid(size, num_parts, tile_size, stride)
         feature_extractor = build_feature_extractor(backbone, list(layers), pre_trained=pre_trained)
         resolutions = None
         if embed == "pool":
-            dims = dryrun_find_featuremap_dims(feature_extractor, size, list(layers))
+            dims = dryrun_find_featuremap_dims(image_tiling.wrap(feature_extractor), size, list(layers))
             resolutions = {layer: tuple(dims[layer]["resolution"]) for layer in layers}
         super().__init__(
             grid=grid,
@@ -74,6 +82,7 @@ class TileOutlierModel(TileOutlierScorer):
         )
         self.image_size = size
         self.embed_mode = embed
+        self.image_tiling = image_tiling
         self.layers = list(layers)
         # replaces the backbone embedding (fastdup backend): a plain attribute, so never part of an export
         self.external_embedder: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -99,7 +108,7 @@ class TileOutlierModel(TileOutlierScorer):
         return torch.cat(grids, 0)[None].float()
 
     def _embed_pool(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pool_tiles(self.feature_extractor(self.normalize(images)))
+        return self.pool_tiles(self.image_tiling.run(self.feature_extractor, self.normalize(images)))
 
     def _embed_crop(self, images: torch.Tensor) -> torch.Tensor:
         batch = images.shape[0]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarking.studies import augmentation, fewshot, lighting, scaling, sessions
+from benchmarking.studies import augmentation, fewshot, light_changes, lighting, scaling, sessions
 
 STUDIES = {
     "augmentation": augmentation,
     "fewshot": fewshot,
+    "light_changes": light_changes,
     "lighting": lighting,
     "scaling": scaling,
     "sessions": sessions,

@@ -7,7 +7,16 @@ held-out normals of ``Dice``'s protocol and every dark-session anomaly) and vali
 - ``@all``: trained on every session: the reference, the shift was seen in training;
 - ``@bright``: trained on the bright sessions only, no photometric augmentation;
 - ``@bright+jitter``: bright only, plus colour/brightness jitter, the cheap alternative every user tries first;
-- ``@bright+histaugan``: bright only, plus HistAuGAN re-renderings into the style of every session.
+- ``@bright+histaugan``: bright only, plus HistAuGAN re-renderings into the style of every session;
+- ``@bright+recalibration``: bright only, then recalibrated (``anomalib_ext.commands.recalibrate``: thresholds and
+  normalisation from normal images, no gradient step) on ``RECALIBRATION_NORMALS`` dark-session normals of the
+  training pool (those ``Dice``'s protocol keeps out of test, which the bright arms never train on), drawn with the
+  cell's seed;
+- ``@bright+per_image``: bright only, the model's ``input_normalization: per_image`` (each image standardised by its
+  own per-channel mean and std before the backbone; models with that option).
+
+``--arms`` picks a subset (default: the first four, as before 0.6.0); HistAuGAN is trained only when
+``bright+histaugan`` is among them.
 
 HistAuGAN is trained once per run (``<out>/histaugan/generator.pt``, seeded, ``--histaugan-minutes`` of wall time)
 with ``configs/histaugan/dice.yaml``'s settings, the four sessions as domains, on the normals of ``Dice``'s
@@ -30,9 +39,12 @@ from typing import Any
 
 from benchmarking.builders import import_class
 from benchmarking.specs import CONFIG_ROOT
+from benchmarking.studies.arms import chosen_arms
 
 BRIGHT_SESSIONS = ("25_10_21", "26_01_22")
-ARMS = ("all", "bright", "bright+jitter", "bright+histaugan")
+ARMS = ("all", "bright", "bright+jitter", "bright+histaugan", "bright+recalibration", "bright+per_image")
+DEFAULT_ARMS = ARMS[:4]
+RECALIBRATION_NORMALS = 10
 VIEWS = 4  # training views of each normal in the fit-only arms with an augmentation
 AUGMENT_P = 0.5  # share of those views (and of TeacherStudent's HistAuGAN samples) that are re-rendered
 JITTER = 0.15  # brightness and contrast jitter: TeacherStudent's default ``augmentation.color_jitter``
@@ -52,17 +64,19 @@ def expand(
     if not datasets or any(dataset["kind"] != "dice" for dataset in datasets):
         msg = "--study lighting needs dice-layout datasets (their file names carry the acquisition session)"
         raise ValueError(msg)
+    chosen = chosen_arms(settings, ARMS, DEFAULT_ARMS, "lighting")
     generator = generator_path(settings["out_dir"])
     for dataset in datasets:
         if (Path(dataset["path"]) / "val").is_dir():  # validation normals from the bright sessions only
             dataset["options"] = {**dataset["options"], "val_sessions": list(BRIGHT_SESSIONS)}
-        if not generator.is_file():
+        if "bright+histaugan" in chosen and not generator.is_file():
             train_generator(dataset, settings["seed"], generator, settings.get("histaugan_minutes") or 10.0)
     arms = []
     for model in models:
-        for arm in ARMS:
+        for arm in (name for name in ARMS if name in chosen):
             options = {} if arm == "all" else {"train_sessions": list(BRIGHT_SESSIONS)}
-            augmentation = arm.partition("+")[2] or None
+            remedy = arm.partition("+")[2] or None
+            augmentation = remedy if remedy in ("jitter", "histaugan") else None
             arms.append(
                 {
                     **model,
@@ -70,6 +84,8 @@ def expand(
                     "dataset_options": options,
                     "lighting_augmentation": augmentation,
                     "histaugan_checkpoint": str(generator) if augmentation == "histaugan" else None,
+                    "lighting_recalibration": remedy == "recalibration",
+                    "lighting_per_image": remedy == "per_image",
                 }
             )
     return datasets, arms
@@ -148,6 +164,11 @@ def model_for_cell(model_spec: dict[str, Any]) -> dict[str, Any]:
     augmentation = model_spec["lighting_augmentation"]
     parameters = inspect.signature(import_class(model_spec["class_path"]).__init__).parameters
     spec = {**model_spec, "init_args": dict(model_spec.get("init_args") or {})}
+    if model_spec.get("lighting_per_image"):
+        if "input_normalization" not in parameters:
+            msg = f"{model_spec['class_path']} has no input_normalization option: no bright+per_image arm for it"
+            raise ValueError(msg)
+        spec["init_args"]["input_normalization"] = "per_image"
     if "augmentation" in parameters:  # TeacherStudent's ``Augmentation`` (a mapping of its fields here)
         spec["init_args"]["augmentation"] = {
             **(spec["init_args"].get("augmentation") or {}),
@@ -200,6 +221,50 @@ def apply_after_setup(datamodule, model_spec: dict[str, Any]) -> None:  # noqa: 
     datamodule.test_data.samples = test
 
 
+def dark_training_normals(datamodule, seed: int) -> list[str]:  # noqa: ANN001 (anomalib_ext.data.Dice)
+    """``RECALIBRATION_NORMALS`` dark-session normals of the training pool (never a test image), a seeded draw.
+
+    They are the dark normals ``Dice``'s protocol keeps for training (``holdout_fraction``), which ``train_sessions``
+    then drops from the bright arms; the tables are re-split without that filter and without the per-class cap.
+    """
+    import numpy as np
+    from anomalib.data.utils import LabelName
+
+    from anomalib_ext.data.dice import HOLDOUT_SESSIONS
+
+    kept = datamodule.train_sessions, datamodule.max_train_per_class
+    datamodule.train_sessions, datamodule.max_train_per_class = (), None
+    try:
+        tables = datamodule.split_samples()
+    finally:
+        datamodule.train_sessions, datamodule.max_train_per_class = kept
+    test_paths = set(tables["test"].image_path)
+    pool = tables["train"]
+    dark = pool[(pool.label_index == LabelName.NORMAL) & pool.session.isin(HOLDOUT_SESSIONS)]
+    paths = sorted(path for path in dark.image_path if path not in test_paths)
+    if len(paths) < RECALIBRATION_NORMALS:
+        msg = f"lighting: {len(paths)} dark training-pool normals, recalibration takes {RECALIBRATION_NORMALS}"
+        raise ValueError(msg)
+    picks = np.random.default_rng(seed).permutation(len(paths))[:RECALIBRATION_NORMALS]
+    return [paths[index] for index in sorted(picks)]
+
+
+def before_test(model, datamodule, model_spec: dict[str, Any], seed: int) -> dict[str, Any]:  # noqa: ANN001
+    """``bright+recalibration``: recalibrate the fitted model on dark training-pool normals before the test."""
+    if not model_spec.get("lighting_recalibration"):
+        return {}
+    from anomalib_ext.commands.recalibrate import recalibrate
+
+    normals = dark_training_normals(datamodule, seed)
+    recalibration = recalibrate(model, normals)
+    return {
+        "recalibration_normals": len(normals),
+        "recalibration_threshold_before": recalibration.before["_image_threshold"],
+        "recalibration_threshold_after": recalibration.after["_image_threshold"],
+        "recalibration_normals_flagged_before": recalibration.flagged("before"),
+    }
+
+
 def _mean_and_range(values: list[float]) -> str:
     if not values:
         return "–"
@@ -222,10 +287,15 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
 
 def report(rows: list[dict[str, Any]]) -> list[str]:
     """Per model and arm: dark-session image AUROC and F1 over seeds; the share of the gap each augmentation closes."""
-    ok = [row for row in rows if row.get("status") == "ok" and "@" in row["model"]]
+    ok = [
+        {**row, "image_auroc": row.get("image_auroc_raw", row.get("image_auroc"))}  # raw: recalibration rescales
+        for row in rows
+        if row.get("status") == "ok" and "@" in row["model"]
+    ]
     lines = ["## Study: lighting shift (train bright sessions, test dark sessions)", ""]
     lines += [
-        "Test: dark sessions only (16_09_21, 17_11_21); validation: bright normals. Mean [min, max] over seeds. Gap "
+        "Test: dark sessions only (16_09_21, 17_11_21); validation: bright normals. Image AUROC on the raw scores. "
+        "Mean [min, max] over seeds. Gap "
         f"closed = (arm - bright) / (all - bright) of the means; '–' where all - bright <= {MIN_GAP}.",
         "",
         "| dataset | model | arm | seeds | train normals | test normals / anomalies | image AUROC | AUROC gap closed "
@@ -254,7 +324,19 @@ def report(rows: list[dict[str, Any]]) -> list[str]:
                 f"{_gap_closed(by_arm, arm, 'image_f1') if arm.startswith('bright+') else '–'} | "
                 f"{2 * share / (1 + share):.3f} | {_mean_and_range(values['pixel_auroc'])} |"
             )
-        means = {arm: _mean(by_arm.get(arm, []), "image_auroc") for arm in ARMS}
+        f1 = {arm: _mean(by_arm.get(arm, []), "image_f1") for arm in ARMS}
+        if f1["bright"] is not None and f1["all"] is not None:
+            remedies = [
+                f"+{arm.partition('+')[2]} {f1[arm]:.3f} ({f1[arm] / f1['all']:.0%} of all-session F1)"
+                for arm in ARMS[2:]
+                if f1[arm] is not None and f1["all"]
+            ]
+            verdicts.append(
+                f"- {dataset} / {base}, image F1: bright only {f1['bright']:.3f}, all sessions {f1['all']:.3f}"
+                + (f"; {', '.join(remedies)}" if remedies else "")
+                + "."
+            )
+        means = {arm: _mean(by_arm.get(arm, []), "image_auroc") for arm in DEFAULT_ARMS}
         if None in means.values():
             continue
         bright, reference = means["bright"], means["all"]
