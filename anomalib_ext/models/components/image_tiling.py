@@ -116,11 +116,15 @@ class TiledCall:
         batch = images.shape[0]
         per_image = tiles.view(batch, -1, *tiles.shape[1:])
         positions = per_image.shape[1]  # fixed by the image size: the chunk loop is not data-dependent
+        # an exported graph calls the network once on every tile: a network called once per chunk shares its
+        # weights between calls, the exporter then leaves its batch norms unfolded, and OpenVINO names the fused
+        # convolutions anew, outside the module the INT8 recipe quantises (measured: 0 of 132 convolutions in INT8)
+        step = positions if _exporting() else self.tile_batch
         outputs = [
-            self.network(per_image[:, start : start + self.tile_batch].reshape(-1, *tiles.shape[1:]))
-            for start in range(0, positions, self.tile_batch)
+            self.network(per_image[:, start : start + step].reshape(-1, *tiles.shape[1:]))
+            for start in range(0, positions, step)
         ]
-        chunk_sizes = [min(self.tile_batch, positions - start) for start in range(0, positions, self.tile_batch)]
+        chunk_sizes = [min(step, positions - start) for start in range(0, positions, step)]
         return _map_outputs(outputs, lambda parts: self._stitch(parts, batch, chunk_sizes))
 
     def _stitch(self, parts: list[torch.Tensor], batch: int, chunk_sizes: list[int]) -> torch.Tensor:
@@ -154,6 +158,11 @@ class TiledNetwork(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Any:  # noqa: ANN401 - whatever the wrapped network returns
         return self.tiled_call(images)
+
+
+def _exporting() -> bool:
+    """Inside an ONNX/OpenVINO export (dynamo or TorchScript tracing), where the graph is fixed once."""
+    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
 
 
 def _map_outputs(outputs: list[Output], join: Callable[[list[torch.Tensor]], torch.Tensor]) -> Output:
