@@ -62,14 +62,6 @@ def new_light(trained: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def keep_torch_threads():
-    """The commands set torch's thread count; the in-process calls below must not change it for other tests."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
     """``anomalib-ext ...`` through the CLI's own dispatcher, in this process; the exit status, stdout, stderr."""
     with pytest.raises(SystemExit) as stopped:

@@ -90,14 +90,6 @@ def engine_scores(checkpoint: Path, paths: list[Path]) -> dict[str, float]:
     return {str(batch.image_path[0]): float(batch.pred_score) for batch in batches}
 
 
-@pytest.fixture
-def keep_torch_threads():
-    """The command sets torch's thread count; the in-process calls below must not change it for other tests."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
     """``anomalib-ext score ...`` through the CLI's own dispatcher, in this process (no second import of torch);
     the exit status, stdout and stderr."""
