@@ -70,6 +70,14 @@ def dice_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flecked_parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """256 px synthetic parts, the defects dark flecks of 4-6 px (tests/harness/flecks.py)."""
+    from tests.harness.flecks import make_flecked_parts
+
+    return make_flecked_parts(tmp_path_factory.mktemp("large"))
+
+
+@pytest.fixture(scope="session")
 def real_data() -> Path:
     """``../shared/data`` when present; tests that need it skip otherwise."""
     if not REAL_DATA.is_dir():

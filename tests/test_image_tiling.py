@@ -108,7 +108,17 @@ def test_every_local_family_runs_its_network_on_tiles_and_sees_the_whole_image()
         fused = Fused(image_size=128, image_tiling=tiling).model.eval()
         tiles, pooled = fused.extract(images)
         assert tiles.shape[:3] == (2, *fused.tiles.grid.shape) and pooled.shape == (2, 472)
-        assert Dfkdm(image_size=128, image_tiling=tiling).model.eval().extract_features(images).shape == (2, 472)
+        dfkdm = Dfkdm(image_size=128, image_tiling=tiling).model.eval()
+        assert dfkdm.extract_features(images).shape == (2, 9, 472)  # each of the 3 x 3 tiles pooled on its own
+        per_tile = torch.stack(
+            [
+                dfkdm.pooled_features(dfkdm.normalize(images)[..., y : y + 64, x : x + 64])
+                for y in (0, 32, 64)
+                for x in (0, 32, 64)
+            ],
+            dim=1,
+        )
+        torch.testing.assert_close(dfkdm.extract_features(images), per_tile)
         teacher_student = TeacherStudent(image_size=128, image_tiling=tiling).model.eval()
         assert teacher_student.teacher_features(images)[0].shape[-2:] == (32, 32)  # blocks.1 of 128 px: /4
         reconstruction = Reconstruction(image_size=128, image_tiling=tiling).model.eval()

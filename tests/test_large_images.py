@@ -1,10 +1,11 @@
-"""Large images, small defects: a dark fleck of 4-6 px on a 256 px part.
+"""Large images, small defects: a dark fleck of 4-6 px on a 256 px part, the fit-only families.
 
 Shrinking the image by half, what a 256 px config does to a 512 px camera image, drowns the fleck: the shrunk
 model scores some flecked parts below a normal one. The same family with ``image_tiling`` keeps the full
-resolution (its network runs on tiles, its features are stitched) and scores every flecked part above every
-normal one. The tiled model exports as one graph that takes the full-size image: OpenVINO's raw scores and maps
-match torch's. Measured on MVTec AD bottle at 512 px in docs/large_images.md.
+resolution (its network runs on tiles; TileOutlier and Fused stitch the features, Dfkdm pools each tile and scores
+the worst) and scores every flecked part above every normal one. The tiled model exports as one graph that takes the
+full-size image: OpenVINO's raw scores and maps match torch's. The families trained with gradients:
+tests/test_large_images_trained.py. Measured on MVTec AD bottle at 512 px in docs/large_images.md.
 """
 
 from __future__ import annotations
@@ -15,58 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 
-from anomalib_ext.models import Fused, TileOutlier
+from anomalib_ext.models import Dfkdm, Fused, TileOutlier
+from tests.harness.flecks import SHRUNK, SIZE, TILES, assert_only_tiling_finds_every_fleck, fit, raw_scores
+from tests.harness.flecks import test_images as flecked_test_images
 
-SIZE = 256  # the "camera" resolution of the synthetic parts
-SHRUNK = SIZE // 2
 OPENVINO_F32 = {"INFERENCE_PRECISION_HINT": "f32"}
-TILES = {"tile_size": SIZE // 2, "stride": SIZE // 2}
 
-
-@pytest.fixture(scope="module")
-def flecked_parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from anomalib_ext.data.synthetic import make_mvtec_dataset
-
-    root = tmp_path_factory.mktemp("large")
-    make_mvtec_dataset(
-        root, category="part", image_size=SIZE, n_train=16, n_test_good=6, n_test_per_defect=5, defects=("speck",)
-    )
-    return root
-
-
-def _test_images(root: Path) -> tuple[torch.Tensor, np.ndarray]:
-    from anomalib.data.utils import read_image
-
-    paths = sorted((root / "part" / "test").glob("*/*.png"))
-    images = torch.stack([read_image(path, as_tensor=True) for path in paths])
-    return images, np.array([path.parent.name != "good" for path in paths])
-
-
-def _fit(model, root: Path, workdir: Path, epochs: int = 1):  # noqa: ANN001, ANN202
-    datamodule = MVTecAD(root=root, category="part", train_batch_size=8, eval_batch_size=8, num_workers=0)
-    engine = Engine(max_epochs=epochs, default_root_dir=workdir, logger=False, enable_progress_bar=False, devices=1)
-    engine.fit(model=model, datamodule=datamodule)
-    return model.eval(), engine
-
-
-def _raw_scores(model, images: torch.Tensor) -> np.ndarray:  # noqa: ANN001
-    with torch.no_grad():
-        return model.model(model.pre_processor.transform(images)).pred_score.flatten().numpy()
-
-
-FAMILIES: dict[str, tuple[Callable, Callable, int]] = {
-    # family: (shrunk model, tiled model, epochs)
-    "tile_outlier": (
-        lambda: TileOutlier(image_size=SHRUNK),
-        lambda: TileOutlier(image_size=SIZE, image_tiling=TILES),
-        1,
-    ),
-    "fused": (lambda: Fused(image_size=SHRUNK), lambda: Fused(image_size=SIZE, image_tiling=TILES), 1),
+FAMILIES: dict[str, tuple[Callable, Callable]] = {
+    # family: (shrunk model, tiled model), fitted in one epoch
+    "tile_outlier": (lambda: TileOutlier(image_size=SHRUNK), lambda: TileOutlier(image_size=SIZE, image_tiling=TILES)),
+    "fused": (lambda: Fused(image_size=SHRUNK), lambda: Fused(image_size=SIZE, image_tiling=TILES)),
+    "dfkdm": (lambda: Dfkdm(image_size=SHRUNK), lambda: Dfkdm(image_size=SIZE, image_tiling=TILES)),
 }
-
 
 _FITTED: dict[tuple[str, str], tuple] = {}
 
@@ -74,9 +36,9 @@ _FITTED: dict[tuple[str, str], tuple] = {}
 def _fitted(family: str, variant: str, root: Path, workdir: Path) -> tuple:
     """The family's ``shrunk`` or ``tiled`` model fitted once per test session (the export test reuses the fit)."""
     if (family, variant) not in _FITTED:
-        shrunk_model, tiled_model, epochs = FAMILIES[family]
+        shrunk_model, tiled_model = FAMILIES[family]
         build = shrunk_model if variant == "shrunk" else tiled_model
-        _FITTED[family, variant] = _fit(build(), root, workdir / f"{family}-{variant}", epochs)
+        _FITTED[family, variant] = fit(build(), root, workdir / f"{family}-{variant}")
     return _FITTED[family, variant]
 
 
@@ -84,18 +46,11 @@ def _fitted(family: str, variant: str, root: Path, workdir: Path) -> tuple:
 def test_a_fleck_the_shrunk_image_loses_is_found_at_full_resolution(
     family: str, flecked_parts: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    images, flecked = _test_images(flecked_parts)
+    images, flecked = flecked_test_images(flecked_parts)
     workdir = tmp_path_factory.mktemp("fits")
     shrunk, _ = _fitted(family, "shrunk", flecked_parts, workdir)
     tiled, _ = _fitted(family, "tiled", flecked_parts, workdir)
-    shrunk_scores, tiled_scores = _raw_scores(shrunk, images), _raw_scores(tiled, images)
-    assert (shrunk_scores[flecked] <= shrunk_scores[~flecked].max()).any(), (
-        f"{family} at {SHRUNK} px already finds every fleck: {shrunk_scores[flecked]} vs normals "
-        f"{shrunk_scores[~flecked]}; the test no longer shows what tiling adds"
-    )
-    assert tiled_scores[flecked].min() > tiled_scores[~flecked].max(), (
-        f"{family} tiled at {SIZE} px: flecks {tiled_scores[flecked]} vs normals {tiled_scores[~flecked]}"
-    )
+    assert_only_tiling_finds_every_fleck(family, raw_scores(shrunk, images), raw_scores(tiled, images), flecked)
 
 
 def test_the_tiled_model_exports_at_full_size_and_matches_torch(
@@ -111,7 +66,7 @@ def test_the_tiled_model_exports_at_full_size_and_matches_torch(
     model.post_processor.enable_normalization = False  # raw scores: clamped ones could hide a broken export
     try:
         xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=workdir, input_size=(SIZE, SIZE))
-        images, _ = _test_images(flecked_parts)
+        images, _ = flecked_test_images(flecked_parts)
         with torch.no_grad():
             reference = model(images)
     finally:
@@ -123,3 +78,25 @@ def test_the_tiled_model_exports_at_full_size_and_matches_torch(
         exported_map = np.asarray(result.anomaly_map).squeeze()
         assert exported_map.shape == (SIZE, SIZE)
         assert np.abs(exported_map - reference.anomaly_map[index].squeeze().numpy()).max() < 1e-3
+
+
+def test_tiled_dfkdm_exports_at_full_size_and_matches_torch(
+    flecked_parts: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Dfkdm's per-tile vectors and worst-tile score are in the graph too. Its raw scores are negative log densities
+    in the hundreds: they must agree to 1e-5 of their size (1e-3 of a score near 100)."""
+    from anomalib.deploy import ExportType, OpenVINOInferencer
+
+    workdir = tmp_path_factory.mktemp("export-dfkdm")
+    model, engine = _fitted("dfkdm", "tiled", flecked_parts, workdir)
+    model.post_processor.enable_normalization = False
+    try:
+        xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=workdir, input_size=(SIZE, SIZE))
+        images, _ = flecked_test_images(flecked_parts)
+        with torch.no_grad():
+            reference = model(images).pred_score.flatten().numpy()
+    finally:
+        model.post_processor.enable_normalization = True
+    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=OPENVINO_F32)
+    exported = np.array([float(np.ravel(inferencer.predict(image.numpy()).pred_score)[0]) for image in images])
+    assert (np.abs(exported - reference) < 1e-5 * np.maximum(100.0, np.abs(reference))).all(), (exported, reference)

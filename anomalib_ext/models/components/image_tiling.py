@@ -90,8 +90,10 @@ class ImageTiling(Settings):
             return network
         return TiledNetwork(network, self.tile_size, self.stride or self.tile_size, self.tile_batch)
 
-    def run(self, network: nn.Module, images: torch.Tensor) -> Any:  # noqa: ANN401 - the network's own output
-        """``network(images)``, on tiles when tiling is on (checked against the image size by :meth:`check`)."""
+    def run(self, network: Callable[[torch.Tensor], Any], images: torch.Tensor) -> Any:  # noqa: ANN401
+        """``network(images)``, on tiles when tiling is on (checked against the image size by :meth:`check`).
+        ``network`` is a module or a method that calls one (a backbone followed by pooling, whose per-tile vectors
+        then stay per tile)."""
         if self.tile_size is None:
             return network(images)
         return TiledCall(network, self.tile_size, self.stride or self.tile_size, self.tile_batch)(images)
@@ -106,7 +108,7 @@ class TiledCall:
     tile) is returned per tile, ``(batch * tiles, ...)``, image-major.
     """
 
-    def __init__(self, network: nn.Module, tile_size: int, stride: int, tile_batch: int) -> None:
+    def __init__(self, network: Callable[[torch.Tensor], Any], tile_size: int, stride: int, tile_batch: int) -> None:
         self.network = network
         self.tile_batch = tile_batch
         self.tiler = Tiler(tile_size=tile_size, stride=stride)

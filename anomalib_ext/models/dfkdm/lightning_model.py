@@ -115,7 +115,9 @@ class Dfkdm(FitOnlyHooks, _FittedDensityHooks, ExtModelMixin, MemoryBankMixin, A
         image_size: resize target of the default pre-processor (antialiased, no normalisation: the torch model
             normalises for the backbone, so the export contains it).
         image_tiling: ``ImageTiling`` or a mapping of its keys (``tile_size``, ``stride``, ``tile_batch``): run the
-            backbone on tiles of a large ``image_size``, pool the stitched features.
+            backbone on tiles of a large ``image_size`` and pool each tile: the density is fitted on every tile of
+            every training image and an image scores its worst tile (a defect of a few pixels moves one tile's
+            vector, where the whole image's average drowns it).
         check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first
             bad one (``False`` skips the check).
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.

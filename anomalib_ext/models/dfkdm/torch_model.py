@@ -3,7 +3,10 @@
 Two torch models, one per Lightning class, sharing the density (``DensitySettings`` -> ``FeatureDensity``):
 
 - ``DfkdmModel``: global-average-pooled activations of the chosen layers of a pretrained timm backbone
-  (offline weights), concatenated. Image-level model, like anomalib's Dfkde: no anomaly map.
+  (offline weights), concatenated. Image-level model, like anomalib's Dfkde: no anomaly map. With
+  ``image_tiling`` each tile of the full-resolution image is pooled on its own: the density is fitted on every
+  tile of every training image and an image scores its worst tile, so a defect of a few pixels moves one tile's
+  vector instead of vanishing in the whole image's average.
 - ``LakeModel`` (LAKE): the latent code of a convolutional autoencoder trained on normal images, plus
   reconstruction-error features: LAKE's relative L2 error ``|x - x_hat| / |x|`` and cosine similarity (of the
   mean-centred image and reconstruction), and the peak of the smoothed residual map (mean of its top 1 %),
@@ -114,6 +117,7 @@ class _DensityScorer(nn.Module):
         self.calibrate = calibrate
 
     family = "Dfkdm"  # the name the user knows, for the log
+    fit_unit = "images"  # what one feature vector stands for, for the log
 
     def fit(self, features: torch.Tensor) -> int:
         """Fit the density on normal feature vectors (N, D); returns how many it used (at most the cap).
@@ -121,19 +125,21 @@ class _DensityScorer(nn.Module):
         Says in one warning when the images are no more than the feature dimensions: the density then had to be
         shrunk (``FeatureDensity``), and the user should know the model runs on less than its settings assume.
         """
-        used = self.density.fit(features)
+        used = self.density.fit(features.flatten(0, -2))  # per-tile vectors (N, tiles, D) are fit points too
         density = self.density
         if density.shrunk:
             logger.warning(
-                "%s: %d training images for %d feature dimensions: their covariance is singular, so the density "
+                "%s: %d training %s for %d feature dimensions: their covariance is singular, so the density "
                 "shrinks it towards its mean variance (Ledoit-Wolf, intensity %.2f; PCA keeps %d components); "
-                "the shrinkage stops above %d training images",
+                "the shrinkage stops above %d training %s",
                 self.family,
                 density.fit_points,
+                self.fit_unit,
                 density.fit_dims,
                 density.shrinkage,
                 density.pca.output_dim - density.pca.passthrough,
                 density.fit_dims,
+                self.fit_unit,
             )
         return used
 
@@ -169,19 +175,33 @@ class DfkdmModel(_DensityScorer):
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained=pre_trained)
         self.image_tiling = image_tiling or ImageTiling()
         self.image_tiling.check(image_size)
+        if self.image_tiling.enabled:
+            self.fit_unit = "tiles"
 
-    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Concatenated global-average-pooled backbone activations of [0, 1] images: (N, sum of layer channels)."""
-        self.feature_extractor.eval()  # frozen: BatchNorm statistics must not move during "training"
-        layer_outputs = self.image_tiling.run(self.feature_extractor, self.normalize(images))
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Concatenated global-average-pooled backbone activations of normalised images: (N, sum of channels)."""
+        layer_outputs = self.feature_extractor(images)
         return torch.cat([F.adaptive_avg_pool2d(output, 1).flatten(1) for output in layer_outputs.values()], dim=1)
 
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled features of [0, 1] images, (N, D); with tiling, of each tile: (N, tiles, D)."""
+        self.feature_extractor.eval()  # frozen: BatchNorm statistics must not move during "training"
+        normalized = self.normalize(images)  # per_image normalisation sees the whole image, as untiled
+        if not self.image_tiling.enabled:
+            return self.pooled_features(normalized)
+        per_tile = self.image_tiling.run(self.pooled_features, normalized)  # (N * tiles, D), image-major
+        return per_tile.view(images.shape[0], -1, per_tile.shape[-1])
+
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
-        """Training mode: the features (to collect for ``fit``). Eval mode: ``InferenceBatch`` with the scores."""
+        """Training mode: the features (to collect for ``fit``). Eval mode: ``InferenceBatch`` with the scores
+        (tiled: the worst tile's)."""
         features = self.extract_features(images)
         if self.training:
             return features
-        return InferenceBatch(pred_score=self.score(features))
+        if features.dim() == 2:
+            return InferenceBatch(pred_score=self.score(features))
+        tile_scores = self.score(features.flatten(0, 1)).view(features.shape[:2])
+        return InferenceBatch(pred_score=tile_scores.amax(dim=1))
 
 
 class LakeModel(_DensityScorer):
