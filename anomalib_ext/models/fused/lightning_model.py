@@ -69,8 +69,9 @@ class Fused(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
         pre_processor, post_processor, evaluator, visualizer: anomalib components or flags.
     """
 
-    # INT8_PTQ quantises the backbone only: pooling, the tile search, the density and the fusion stay in float
-    int8_modules: ClassVar[tuple[str, ...]] = ("model.feature_extractor",)
+    # INT8_PTQ quantises the backbone and the tile search's similarity product with the bank (as TileOutlier's);
+    # pooling, the max over the bank, the density and the fusion stay in float
+    int8_modules: ClassVar[tuple[str, ...]] = ("model.feature_extractor", "model.tiles.bank_similarity")
 
     def __init__(
         self,
