@@ -8,6 +8,7 @@ pytest-xdist runs them beside the others).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,9 @@ def fit(model, root: Path, workdir: Path, epochs: int = 1, seed: int = 0):  # no
     from lightning.pytorch import seed_everything
 
     seed_everything(seed)
+    # seed_everything also exports PL_GLOBAL_SEED, which every later fit in this worker (and the CLI runs it starts)
+    # would inherit: keep the seed to this fit
+    os.environ.pop("PL_GLOBAL_SEED", None)
     datamodule = MVTecAD(root=root, category="part", train_batch_size=8, eval_batch_size=8, num_workers=0)
     engine = Engine(  # validated once, at the end: the tests read raw scores, which thresholds do not touch
         max_epochs=epochs,
