@@ -53,25 +53,30 @@ def test_a_fleck_the_shrunk_image_loses_is_found_at_full_resolution(
     assert_only_tiling_finds_every_fleck(family, raw_scores(shrunk, images), raw_scores(tiled, images), flecked)
 
 
+def _export_raw(family: str, root: Path, workdir: Path):  # noqa: ANN202
+    """The tiled ``family`` exported to OpenVINO at the full size: its inferencer, the test images and torch's raw
+    (unnormalised) outputs on them: clamped scores could hide a broken export."""
+    from anomalib.deploy import ExportType, OpenVINOInferencer
+
+    model, engine = _fitted(family, "tiled", root, workdir)
+    model.post_processor.enable_normalization = False
+    try:
+        xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=workdir, input_size=(SIZE, SIZE))
+        images, _ = flecked_test_images(root)
+        with torch.no_grad():
+            reference = model(images)
+    finally:
+        model.post_processor.enable_normalization = True
+    return OpenVINOInferencer(path=xml, device="CPU", config=OPENVINO_F32), images, reference
+
+
 def test_the_tiled_model_exports_at_full_size_and_matches_torch(
     flecked_parts: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """One graph takes the full 256 px image and tiles inside; raw (unnormalised) scores and maps within 1e-3.
     Fused, whose graph holds TileOutlier's whole scoring besides the density (export of the untiled families:
     tests/harness)."""
-    from anomalib.deploy import ExportType, OpenVINOInferencer
-
-    workdir = tmp_path_factory.mktemp("export")
-    model, engine = _fitted("fused", "tiled", flecked_parts, workdir)
-    model.post_processor.enable_normalization = False  # raw scores: clamped ones could hide a broken export
-    try:
-        xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=workdir, input_size=(SIZE, SIZE))
-        images, _ = flecked_test_images(flecked_parts)
-        with torch.no_grad():
-            reference = model(images)
-    finally:
-        model.post_processor.enable_normalization = True
-    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=OPENVINO_F32)
+    inferencer, images, reference = _export_raw("fused", flecked_parts, tmp_path_factory.mktemp("export"))
     for index in range(len(images)):
         result = inferencer.predict(images[index].numpy())
         assert abs(float(np.ravel(result.pred_score)[0]) - float(reference.pred_score[index])) < 1e-3
@@ -85,18 +90,7 @@ def test_tiled_dfkdm_exports_at_full_size_and_matches_torch(
 ) -> None:
     """Dfkdm's per-tile vectors and worst-tile score are in the graph too. Its raw scores are negative log densities
     in the hundreds: they must agree to 1e-5 of their size (1e-3 of a score near 100)."""
-    from anomalib.deploy import ExportType, OpenVINOInferencer
-
-    workdir = tmp_path_factory.mktemp("export-dfkdm")
-    model, engine = _fitted("dfkdm", "tiled", flecked_parts, workdir)
-    model.post_processor.enable_normalization = False
-    try:
-        xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=workdir, input_size=(SIZE, SIZE))
-        images, _ = flecked_test_images(flecked_parts)
-        with torch.no_grad():
-            reference = model(images).pred_score.flatten().numpy()
-    finally:
-        model.post_processor.enable_normalization = True
-    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=OPENVINO_F32)
+    inferencer, images, outputs = _export_raw("dfkdm", flecked_parts, tmp_path_factory.mktemp("export-dfkdm"))
+    reference = outputs.pred_score.flatten().numpy()
     exported = np.array([float(np.ravel(inferencer.predict(image.numpy()).pred_score)[0]) for image in images])
     assert (np.abs(exported - reference) < 1e-5 * np.maximum(100.0, np.abs(reference))).all(), (exported, reference)
