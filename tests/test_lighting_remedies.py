@@ -126,6 +126,11 @@ def test_light_changes_study_tests_one_fitted_model_under_every_change(mvtec_roo
         assert set(result["light_changes"]) == set(light_changes.CHANGES)
         for figures in result["light_changes"].values():
             assert 0 <= figures["plain"]["image_f1"] <= 1 and figures["recalibrated"]["normals"] >= 5
+            # every rule scored on the same test scores; the default one is what "recalibrated" holds
+            by_rule = figures["recalibrated_by_rule"]
+            assert set(by_rule) == {"anchored", "upper"} and figures["recalibrated"]["rule"] == "anchored"
+            assert by_rule["anchored"]["image_f1"] == figures["recalibrated"]["image_f1"]
+            assert by_rule["anchored"]["image_threshold"] <= by_rule["upper"]["image_threshold"]
     per_image = results["dfkdm@per_image"]["light_changes"]
     reference = per_image["unchanged"]["plain"]["image_auroc"]
     for change in ("gain0.8", "warm", "cold"):  # affine per channel: per_image sees (almost) the same image
@@ -135,6 +140,7 @@ def test_light_changes_study_tests_one_fitted_model_under_every_change(mvtec_roo
     report = (out / "results.md").read_text()
     assert "## Study: controlled lighting changes" in report
     assert "| d | dfkdm | per_image+recalibration | 1 |" in report and "worst ΔF1" in report
+    assert "| d | dfkdm | recalibration:upper | 1 |" in report
 
 
 def test_lighting_study_recalibrates_on_dark_pool_normals_and_takes_per_image(dice_root: Path, tmp_path: Path) -> None:
@@ -172,11 +178,16 @@ def test_lighting_study_recalibrates_on_dark_pool_normals_and_takes_per_image(di
     assert recalibrated["recalibration_normals"] == lighting.RECALIBRATION_NORMALS
     assert recalibrated["recalibration_threshold_after"] != recalibrated["recalibration_threshold_before"]
     assert recalibrated["image_threshold"] != results["dfkdm@bright"]["image_threshold"]
+    by_rule = recalibrated["recalibration_thresholds_by_rule"]
+    assert recalibrated["recalibration_rule"] == "anchored" and set(by_rule) == {"anchored", "upper"}
+    assert by_rule["anchored"] == pytest.approx(recalibrated["recalibration_threshold_after"])
+    assert recalibrated["image_f1_by_rule"]["anchored"] == pytest.approx(recalibrated["image_f1"], abs=1e-6)
     specs = [json.loads(path.read_text())["model"] for path in (out / "cells").rglob("cell.json")]
     per_image = next(spec for spec in specs if spec["label"] == "dfkdm@bright+per_image")
     assert lighting.model_for_cell(per_image)["init_args"]["input_normalization"] == "per_image"
     assert results["dfkdm@bright+per_image"]["image_threshold"] != results["dfkdm@bright"]["image_threshold"]
     assert "+recalibration" in (out / "results.md").read_text()
+    assert "| bright+recalibration:upper |" in (out / "results.md").read_text()
 
 
 def test_lighting_arms_are_checked_and_fused_takes_per_image() -> None:

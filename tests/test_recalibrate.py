@@ -3,7 +3,7 @@
 A TileOutlier is fitted on small synthetic normal images. A "new light" set (gain 0.5, gamma 1.5: every image darker)
 moves every normal score above the trained threshold, while the ranking holds. Recalibrated on ten darkened
 normals (plus two unreadable files, skipped), the checkpoint must flag at most one of eight other darkened normals
-and still every planted defect, with nothing but the post-processor's six buffers changed, and give the same labels
+and still every planted defect, with nothing but the post-processor's buffers changed, and give the same labels
 through ``anomalib-ext score``, ``Engine.predict(ckpt_path=...)`` and its OpenVINO export.
 """
 
@@ -110,7 +110,9 @@ def test_recalibration_stops_flagging_the_new_normals_and_keeps_flagging_defects
 
     # the unreadable files are named and skipped; the summary says what the old threshold did to the new normals
     assert "recalibrated on 10 normal images" in result.stdout, result.stdout
-    assert "the old one flagged 10, the new one flags 0" in result.stdout, result.stdout
+    assert "rule anchored;" in result.stdout and "the old one flagged 10, the new one flags" in result.stdout, (
+        result.stdout
+    )
     assert "empty.png" in result.stderr and "notes.png" in result.stderr, result.stderr
 
     normal, defect = split(labels_by_score(capsys, output, new_light / "test", tmp_path / "after"))
@@ -128,6 +130,7 @@ def test_recalibration_stops_flagging_the_new_normals_and_keeps_flagging_defects
     assert torch.equal(callback["_image_threshold"], new["state_dict"]["post_processor._image_threshold"])
     record = new["anomalib_ext_recalibration"]
     assert record["images"] == 10 and len(record["skipped"]) == 2 and record["margin"] == 0.5
+    assert record["rule"] == "anchored"
     assert trained.read_bytes() == original, "the trained checkpoint is left as it was"
 
     # Engine.predict with the checkpoint (it restores the callback state too) labels as the command does
@@ -224,29 +227,80 @@ def test_bad_input_is_a_one_line_error(
     assert exists.read_bytes() == b"x"
 
 
-def test_a_change_of_gain_and_offset_is_undone_exactly() -> None:
+@pytest.mark.parametrize("rule", ["anchored", "upper"])
+def test_a_change_of_gain_and_offset_is_undone_exactly(rule: str) -> None:
     """Scores that all moved by ``a * s + b`` (a pure change of scale) get the threshold and normalisation that
-    give every image the normalised score and label it had: the new normals' window maps to the old threshold."""
+    give every image the normalised score and label it had, by either rule: ``upper`` when the fitted threshold sat
+    at the top of the validation normals' window, ``anchored`` wherever it sat inside it (here: among the normals)."""
     from anomalib.data import InferenceBatch
 
     from anomalib_ext.models.components.thresholds import RobustThresholdPostProcessor, recalibrate_thresholds
 
-    old_normals = torch.tensor([0.5, 0.8, 1.0, 1.1, 1.2, 1.4, 1.6])
+    old_normals = torch.tensor([0.5, 0.8, 1.0, 1.1, 1.2, 1.4, 1.6, 1.7, 1.9, 2.4])
     processor = RobustThresholdPostProcessor()
     top, median = old_normals.max(), old_normals.median()
-    processor._image_threshold.fill_(float(top + 0.5 * (top - median)))  # as the window's upper bound set it
+    q25, q75 = torch.quantile(old_normals, torch.tensor([0.25, 0.75]))
+    # the validation set these statistics (``on_validation_epoch_end``); the threshold: the window's top for
+    # ``upper``, a point inside it (at its 90 % quantile, as a synthetic-anomaly F1 optimum clamped there) for
+    # ``anchored``
+    processor.normal_score_median.fill_(float(median))
+    processor.normal_score_iqr.fill_(float(q75 - q25))
+    inside = torch.quantile(old_normals, 0.9)
+    threshold = top + 0.5 * (top - median) if rule == "upper" else inside
+    processor._image_threshold.fill_(float(threshold))
     processor.image_min.fill_(0.5)
     processor.image_max.fill_(6.0)
-    probe = torch.tensor([0.5, 1.3, 2.0, 2.5, 4.0, 6.0])
+    probe = torch.tensor([0.5, 1.3, 2.0, 2.2, 2.5, 4.0, 6.0])
     before = processor(InferenceBatch(pred_score=probe.clone()))
 
     gain, offset = 3.0, 1.0
-    values = recalibrate_thresholds(processor, gain * old_normals + offset)
+    values = recalibrate_thresholds(processor, gain * old_normals + offset, rule=rule)
+    assert values["rule"] == rule
     after = processor(InferenceBatch(pred_score=gain * probe + offset))
     assert torch.allclose(after.pred_score, before.pred_score, atol=1e-5)
     assert torch.equal(after.pred_label, before.pred_label)
     assert values["after"]["_image_threshold"] == pytest.approx(gain * values["before"]["_image_threshold"] + offset)
     assert math.isnan(values["after"]["_pixel_threshold"]), "no map given: the pixel threshold is left alone"
+    # the new normals' statistics replace the validation ones: a second recalibration starts from this condition
+    assert float(processor.normal_score_median) == pytest.approx(gain * float(median) + offset)
 
     with pytest.raises(ValueError, match="at least 5"):
         recalibrate_thresholds(processor, torch.tensor([1.0, 2.0, float("nan"), 3.0, 4.0]))
+
+
+def test_anchored_rule_keeps_a_fitted_threshold_inside_the_normals_and_falls_back_without_statistics() -> None:
+    """Unchanged light: ``anchored`` gives about the fitted threshold back where ``upper`` lifts it above every
+    normal (the defects scoring among the normals, which the fitted threshold caught, would be lost). It never
+    leaves the new normals' window. A checkpoint without validation statistics (before 0.9.0) falls back to
+    ``upper`` and says so."""
+    from anomalib_ext.models.components.thresholds import RobustThresholdPostProcessor, recalibrate_thresholds
+
+    generator = torch.Generator().manual_seed(1)
+    validation = torch.randn(40, generator=generator)
+    new_normals = torch.randn(10, generator=generator)
+
+    def fitted(threshold: float) -> RobustThresholdPostProcessor:
+        processor = RobustThresholdPostProcessor()
+        processor.normal_score_median.fill_(float(validation.median()))
+        q25, q75 = torch.quantile(validation, torch.tensor([0.25, 0.75]))
+        processor.normal_score_iqr.fill_(float(q75 - q25))
+        processor._image_threshold.fill_(threshold)
+        return processor
+
+    # 1.2: inside the validation normals' window (their 90 % quantile 1.17, maximum 2.41)
+    anchored = recalibrate_thresholds(fitted(1.2), new_normals, rule="anchored")["after"]["_image_threshold"]
+    upper = recalibrate_thresholds(fitted(1.2), new_normals, rule="upper")["after"]["_image_threshold"]
+    top = float(new_normals.max())
+    assert abs(anchored - 1.2) < 0.3 and anchored < upper and upper > top
+    # far outside the new window on either side: clamped into it
+    low = recalibrate_thresholds(fitted(-5.0), new_normals)["after"]["_image_threshold"]
+    high = recalibrate_thresholds(fitted(50.0), new_normals)["after"]["_image_threshold"]
+    assert low == pytest.approx(float(torch.quantile(new_normals, 0.9)))
+    assert high == pytest.approx(upper)
+
+    old = fitted(1.2)
+    state = {key: value for key, value in old.state_dict().items() if not key.startswith("normal_score")}
+    loaded = RobustThresholdPostProcessor()
+    loaded.load_state_dict(state)  # a 0.8.0 checkpoint's post-processor: no statistics, no error
+    values = recalibrate_thresholds(loaded, new_normals, rule="anchored")
+    assert values["rule"].startswith("upper (") and values["after"]["_image_threshold"] == pytest.approx(upper)

@@ -1,7 +1,8 @@
 """``anomalib-ext recalibrate``: a trained checkpoint's threshold and normalisation reset for a new condition.
 
     anomalib-ext recalibrate --ckpt_path results/Dfkdm/.../model.ckpt --normals new_light/good/ \\
-        [--output model-recalibrated.ckpt] [--margin 0.5] [--batch-size 4] [--device auto|cpu|cuda]
+        [--output model-recalibrated.ckpt] [--rule anchored|upper] [--margin 0.5] [--batch-size 4] \\
+        [--device auto|cpu|cuda]
 
 When the light (camera, exposure) changes, a model's scores move: its ranking of images may hold while the whole
 scale shifts, and a threshold set under the old light flags every normal image or none. With a few normal images of
@@ -10,16 +11,19 @@ the new condition (at least ``MIN_RECALIBRATION_NORMALS``, 10 or more recommende
 skipped) and writes a checkpoint whose post-processor holds thresholds recomputed from those scores alone
 (``recalibrate_thresholds`` in ``anomalib_ext/models/components/thresholds.py``):
 
-- image threshold = ``max + margin * (max - median)`` of the new normals' raw scores (the upper end of the
-  normal-score window of docs/thresholds.md; ``margin`` defaults to the post-processor's own, 0.5);
+- image threshold, ``--rule anchored`` (default): the fitted threshold carried to the new normals, as far from their
+  median (in units of their interquartile range) as it was from the validation normals', kept inside their
+  normal-score window (docs/thresholds.md); ``--rule upper``: the top of that window, ``max + margin * (max -
+  median)`` of the new normals' raw scores (``margin`` defaults to the post-processor's own, 0.5);
 - normalisation: ``image_min`` = their lowest score, ``image_max`` carried over by the affine map that takes the old
   (min, threshold) to the new one, so normalised scores keep their spread;
-- pixel threshold (models with a map and a pixel threshold): the same rule on each normal image's highest map value;
-  ``pixel_min`` the lowest map value, ``pixel_max`` carried over likewise.
+- pixel threshold (models with a map and a pixel threshold): the ``upper`` rule on each normal image's highest map
+  value; ``pixel_min`` the lowest map value, ``pixel_max`` carried over likewise.
 
-No gradient step and no weight changes: only the six post-processor buffers differ from the input checkpoint (in its
-``state_dict`` and in the post-processor's callback state, which ``Engine.predict(ckpt_path=...)`` restores), plus
-an ``anomalib_ext_recalibration`` entry recording the images, margin and old and new values. The result loads with
+No gradient step and no weight changes: only the post-processor's buffers (thresholds, normalisation, the normal-score
+statistics) differ from the input checkpoint (in its ``state_dict`` and in the post-processor's callback state, which
+``Engine.predict(ckpt_path=...)`` restores), plus an ``anomalib_ext_recalibration`` entry recording the images, the
+rule, the margin and the old and new values. The result loads with
 ``anomalib-ext score``, ``Engine.predict`` and exports to OpenVINO as before (the thresholds live in the graph).
 
 It cannot fix a condition that changes the ranking (defects that now score among the normals): see
@@ -32,6 +36,7 @@ Python: ``recalibrate(model, images)`` sets a loaded model's post-processor in p
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -62,6 +67,7 @@ from anomalib_ext.models.components.thresholds import (
     MIN_RECALIBRATION_NORMALS,
     NORMAL_QUANTILE,
     POST_PROCESSOR_BUFFERS,
+    RECALIBRATION_RULES,
     recalibrate_thresholds,
 )
 
@@ -94,6 +100,7 @@ class Recalibration:
     margin: float
     before: dict[str, float]
     after: dict[str, float]
+    rule: str = RECALIBRATION_RULES[0]  # the rule applied (a fallback says why)
 
     def flagged(self, which: str) -> int:
         """How many of the new normals the ``before`` or ``after`` image threshold flags (raw score above it)."""
@@ -119,6 +126,7 @@ class Recalibration:
             "images": len(self.normals.scores),
             "skipped": [[item.image_path, item.reason] for item in self.normals.unreadable],
             "margin": self.margin,
+            "rule": self.rule,
             "before": self.before,
             "after": self.after,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -128,12 +136,12 @@ class Recalibration:
         count = len(self.normals.scores)
         lines = [
             f"image threshold {self.before['_image_threshold']:.6g} -> {self.after['_image_threshold']:.6g} "
-            f"(raw score; of the {count} new normals the old one flagged {self.flagged('before')}, "
-            f"the new one flags {self.flagged('after')})",
+            f"(raw score, rule {self.rule}; of the {count} new normals the old one flagged "
+            f"{self.flagged('before')}, the new one flags {self.flagged('after')})",
             f"image normalisation min/max {self.before['image_min']:.6g}/{self.before['image_max']:.6g} -> "
             f"{self.after['image_min']:.6g}/{self.after['image_max']:.6g}",
         ]
-        if self.flagged("before") <= OLD_THRESHOLD_STILL_FITS * count:
+        if self.flagged("before") <= OLD_THRESHOLD_STILL_FITS * count and self.rule.startswith("upper"):
             lines.append(
                 f"note: the old threshold flagged only {self.flagged('before')} of {count} new normals (at most "
                 f"{OLD_THRESHOLD_STILL_FITS:.0%}, the window's lower bound): it may still fit this condition, and "
@@ -213,10 +221,12 @@ def recalibrate(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     workers: int = 0,
+    rule: str = RECALIBRATION_RULES[0],
 ) -> Recalibration:
     """Set ``model``'s post-processor thresholds and normalisation, in place, from normal ``images`` of a new
-    condition (no gradient step, weights untouched). Raises ``ScoreError`` (one line) for no images, fewer than
-    ``MIN_RECALIBRATION_NORMALS`` readable ones, or a model without a thresholding post-processor."""
+    condition (no gradient step, weights untouched), by ``rule`` (``recalibrate_thresholds``). Raises
+    ``ScoreError`` (one line) for no images, fewer than ``MIN_RECALIBRATION_NORMALS`` readable ones, or a model
+    without a thresholding post-processor."""
     post_processor = getattr(model, "post_processor", None)
     if post_processor is None:
         msg = f"{type(model).__name__} has no post-processor: there is no threshold to recalibrate"
@@ -233,10 +243,24 @@ def recalibrate(
             map_maxima=torch.tensor(found.map_maxima) if found.map_maxima else None,
             map_minimum=found.map_minimum if found.map_maxima else None,
             margin=used_margin,
+            rule=rule,
         )
     except ValueError as error:
         raise ScoreError(f"{type(model).__name__}: {error}") from error
-    return Recalibration(found, used_margin, values["before"], values["after"])
+    return Recalibration(found, used_margin, values["before"], values["after"], values["rule"])
+
+
+def image_thresholds_by_rule(post_processor: torch.nn.Module, normals: NormalScores) -> dict[str, float]:
+    """The raw-score image threshold each of ``RECALIBRATION_RULES`` would give a fitted model's post-processor
+    from the same normal scores; the post-processor is left as it is (for studies comparing the rules on one set of
+    test scores)."""
+    thresholds = {}
+    for rule in RECALIBRATION_RULES:
+        processor = copy.deepcopy(post_processor)
+        recalibrate_thresholds(processor, torch.tensor(normals.scores), rule=rule)
+        threshold = float(processor.image_threshold)
+        thresholds[rule] = float(processor.pixel_threshold) if math.isnan(threshold) else threshold
+    return thresholds
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint
@@ -300,6 +324,7 @@ def recalibrate_checkpoint(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     workers: int = 0,
+    rule: str = RECALIBRATION_RULES[0],
 ) -> tuple[Path, Recalibration]:
     """Load ``ckpt_path``, recalibrate it on ``normals`` and write the result (default ``<stem>-recalibrated.ckpt``
     beside it); the path written and the recalibration."""
@@ -312,7 +337,9 @@ def recalibrate_checkpoint(
     if isinstance(normals, str | Path):
         scoring_dataset(Path(normals).absolute())  # an empty or missing folder answers before the model loads
     model, _ = load_model(ckpt_path, model_class)
-    recalibration = recalibrate(model, normals, margin, batch_size=batch_size, device=device, workers=workers)
+    recalibration = recalibrate(
+        model, normals, margin, batch_size=batch_size, device=device, workers=workers, rule=rule
+    )
     source = str(Path(normals).absolute()) if isinstance(normals, str | Path) else f"{len(normals)} images"
     save_atomically(recalibrated_checkpoint(ckpt_path, model, recalibration, source), target)
     return target, recalibration
@@ -335,9 +362,17 @@ def parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--output", type=Path, help="checkpoint to write (default: <ckpt stem>-recalibrated.ckpt)")
     command.add_argument(
+        "--rule",
+        choices=RECALIBRATION_RULES,
+        default=RECALIBRATION_RULES[0],
+        help="anchored: the fitted threshold carried to the new normals (as far from their median, in units of "
+        "their spread, as from the validation normals'), kept inside their window; upper: the window's top, above "
+        f"every new normal (default: {RECALIBRATION_RULES[0]}; docs/thresholds.md)",
+    )
+    command.add_argument(
         "--margin",
         type=float,
-        help="threshold = max + margin * (max - median) of the normals' scores (default: the model's own, 0.5)",
+        help="the window's top = max + margin * (max - median) of the normals' scores (default: the model's own, 0.5)",
     )
     add_runtime_arguments(command, workers=0)
     command.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
@@ -358,6 +393,7 @@ def run(args: argparse.Namespace) -> list[str]:
         batch_size=args.batch_size,
         device=device,
         workers=args.workers,
+        rule=args.rule,
     )
     normals = recalibration.normals
     for item in normals.unreadable:
@@ -373,7 +409,7 @@ def run(args: argparse.Namespace) -> list[str]:
     skipped = f", {len(normals.unreadable)} unreadable skipped" if normals.unreadable else ""
     return [
         f"recalibrated on {len(normals.scores)} normal images of {args.normals}{skipped} "
-        f"(margin {recalibration.margin:g}) in {time.perf_counter() - start:.1f} s",
+        f"(rule {recalibration.rule}, margin {recalibration.margin:g}) in {time.perf_counter() - start:.1f} s",
         *(f"  {line}" for line in recalibration.summary()),
         f"wrote {target}",
     ]

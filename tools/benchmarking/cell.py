@@ -181,6 +181,10 @@ def run_stages(spec: dict[str, Any], record: CellRecord, seed: int, started: flo
         record.stage("recalibration")  # --study lighting's bright+recalibration: new thresholds before the test
         result.update(lighting.before_test(model, datamodule, spec["model"], seed))
     speed_images = accuracy_stage(record, model, datamodule, settings)
+    if result.get("recalibration_thresholds_by_rule") and not settings.get("speed_only"):
+        record.stage("recalibration rules")  # the same test scores under every recalibration rule's threshold
+        result.update(lighting.after_test(model, datamodule, result))
+        record.save()
     if settings.get("study") == "light_changes" and not settings.get("speed_only"):
         record.stage("light changes")  # the same fitted model under each lighting change, plain and recalibrated
         result.update(light_changes.measure(model, datamodule, seed, cell_dir))

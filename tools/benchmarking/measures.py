@@ -5,6 +5,7 @@ process's memory and CPU time.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from pathlib import Path
@@ -241,3 +242,38 @@ def first_test_images(datamodule, count: int) -> list:  # noqa: ANN001
         if len(images) >= count:
             break
     return images
+
+
+def raw_test_scores(model, datamodule):  # noqa: ANN001, ANN201 (-> two 1-D torch tensors)
+    """The torch model's raw image scores on the test set (the full forward, as ``measures.evaluate``) and labels."""
+    import torch
+
+    caught: list[torch.Tensor] = []
+    hook = model.model.register_forward_hook(lambda _module, _inputs, output: caught.append(raw_image_score(output)))
+    labels = []
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in datamodule.test_dataloader():
+                model(batch.image)
+                labels.append(batch.gt_label.int().flatten())
+    finally:
+        hook.remove()
+    return torch.cat(caught).float(), torch.cat(labels)
+
+
+def image_threshold(post_processor) -> float:  # noqa: ANN001
+    """The raw-score threshold the post-processor labels with (the pixel one when there is no image one)."""
+    threshold = float(post_processor.image_threshold)
+    return float(post_processor.pixel_threshold) if math.isnan(threshold) else threshold
+
+
+def scored(scores, labels, threshold: float) -> dict[str, Any]:  # noqa: ANN001
+    """Image AUROC of the raw scores and F1 of ``scores > threshold`` (the post-processor's labelling)."""
+    from torchmetrics.functional.classification import binary_auroc, binary_f1_score
+
+    return {
+        "image_auroc": float(binary_auroc(unit_interval(scores), labels.long())),
+        "image_f1": float(binary_f1_score((scores > threshold).int(), labels)),
+        "image_threshold": threshold,
+    }

@@ -70,15 +70,22 @@ class NormalScoreWindow(Metric):
         normal = labels.detach().flatten().to(scores.device) == 0
         self.normal_scores.append(scores[normal & torch.isfinite(scores)])
 
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lower, upper, median, iqr)`` of the normal scores: the window, and where the normal scores sit and
+        how widely, which recalibration's ``anchored`` rule needs to carry the threshold to a new condition."""
         normal = dim_zero_cat(self.normal_scores) if len(self.normal_scores) else torch.empty(0)  # DDP sync: a tensor
         if normal.numel() == 0:
             nan = torch.tensor(float("nan"), device=normal.device)
-            return nan, nan
+            return nan, nan, nan, nan
         top, median = normal.max(), normal.median()
         lower = torch.quantile(normal, self.normal_quantile)
         upper = top + self.margin * (top - median)
-        return lower, upper
+        return lower, upper, median, interquartile_range(normal)
+
+
+def interquartile_range(scores: torch.Tensor) -> torch.Tensor:
+    q25, q75 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
+    return q75 - q25
 
 
 def tukey_fence(scores: torch.Tensor) -> torch.Tensor:
@@ -110,9 +117,22 @@ class RobustThresholdPostProcessor(PostProcessor):
         self.register_buffer("f1_optimal_image_threshold", nan.clone(), persistent=False)
         self.register_buffer("normal_score_lower", nan.clone(), persistent=False)
         self.register_buffer("normal_score_upper", nan.clone(), persistent=False)
+        # where the validation normals' scores sit and how widely: persistent, so that a checkpoint can be
+        # recalibrated to a new condition by carrying its threshold along (``recalibrate_thresholds``, "anchored")
+        self.register_buffer("normal_score_median", nan.clone())
+        self.register_buffer("normal_score_iqr", nan.clone())
         self.f1_optimal_image_threshold: torch.Tensor
         self.normal_score_lower: torch.Tensor
         self.normal_score_upper: torch.Tensor
+        self.normal_score_median: torch.Tensor
+        self.normal_score_iqr: torch.Tensor
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        """Checkpoints written before 0.9.0 have no normal-score statistics: they load with NaNs (recalibration
+        then falls back to the ``upper`` rule and says so)."""
+        for name in NORMAL_STATISTICS:
+            state_dict.setdefault(prefix + name, torch.tensor(float("nan")))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
@@ -185,12 +205,14 @@ class RobustThresholdPostProcessor(PostProcessor):
         super().on_validation_epoch_end(trainer, pl_module)
         if not (self.enable_thresholding and window_updated):
             return
-        lower, upper = self._normal_window_metric.compute()
+        lower, upper, median, iqr = self._normal_window_metric.compute()
         self._normal_window_metric.reset()
         f1_optimal = self._image_threshold.clone()
         self.f1_optimal_image_threshold.copy_(f1_optimal)
         self.normal_score_lower.copy_(lower)
         self.normal_score_upper.copy_(upper)
+        self.normal_score_median.copy_(median)
+        self.normal_score_iqr.copy_(iqr)
         if not torch.isnan(f1_optimal):
             self._image_threshold.copy_(clamp_threshold(f1_optimal, lower.to(f1_optimal), upper.to(f1_optimal)))
 
@@ -216,6 +238,8 @@ class RobustThresholdPostProcessor(PostProcessor):
             msg = "threshold_from_normal_variations: no finite score"
             raise ValueError(msg)
         self._image_threshold.copy_(tukey_fence(scores))
+        self.normal_score_median.copy_(scores.median())
+        self.normal_score_iqr.copy_(interquartile_range(scores))
         if normalise or bool(torch.isnan(self.image_min) | torch.isnan(self.image_max)):
             self.image_min.copy_(scores.min())
             self.image_max.copy_(scores.max())
@@ -230,12 +254,42 @@ class RobustThresholdPostProcessor(PostProcessor):
 # new normal image scores above the maximum of N others with probability 1 / (N + 1), over 1 in 6 below 5 images.
 MIN_RECALIBRATION_NORMALS = 5
 POST_PROCESSOR_BUFFERS = ("_image_threshold", "_pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
+NORMAL_STATISTICS = ("normal_score_median", "normal_score_iqr")  # of the validation (or recalibration) normals
+# how the image threshold moves to a new condition (``recalibrate_thresholds``); the first is the default
+RECALIBRATION_RULES = ("anchored", "upper")
 
 
 def normal_upper_bound(scores: torch.Tensor, margin: float = MARGIN) -> torch.Tensor:
     """``max + margin * (max - median)`` of normal ``scores``: the upper end of ``NormalScoreWindow``."""
     top, median = scores.max(), scores.median()
     return top + margin * (top - median)
+
+
+def anchored_threshold(
+    old_threshold: torch.Tensor,
+    old_median: torch.Tensor,
+    old_iqr: torch.Tensor,
+    scores: torch.Tensor,
+    margin: float = MARGIN,
+    normal_quantile: float = NORMAL_QUANTILE,
+) -> torch.Tensor | None:
+    """The old threshold carried to the new normal ``scores``, or None when the old statistics are missing.
+
+    The fitted threshold sits somewhere in its validation normals' window, where the validation (synthetic
+    anomalies included) put it. Measured in those normals' units, ``(threshold - median) / iqr``, it is placed at the
+    same distance from the new normals' median (a change of gain and offset moves it exactly with the scores), then
+    kept inside the window of the new normals, ``[quantile(normal_quantile), max + margin * (max - median)]``, as at
+    fit time. The ``upper`` rule always takes that window's top, above every new normal: on a part whose defects
+    overlap the normals (bottle's autoencoder at AUROC 0.98, magnetic tile) it misses defects the fitted threshold
+    caught, even when the light did not change.
+    """
+    if not bool(torch.isfinite(old_median) & torch.isfinite(old_iqr) & torch.isfinite(old_threshold)):
+        return None
+    median, iqr = scores.median(), interquartile_range(scores)
+    scale = iqr / old_iqr if float(old_iqr) > 0 and float(iqr) > 0 else torch.ones_like(iqr)
+    moved = median + (old_threshold - old_median) * scale
+    lower, upper = torch.quantile(scores, normal_quantile), normal_upper_bound(scores, margin)
+    return clamp_threshold(moved, lower, upper)
 
 
 def _carry_range(
@@ -260,32 +314,43 @@ def recalibrate_thresholds(
     map_maxima: torch.Tensor | None = None,
     map_minimum: torch.Tensor | float | None = None,
     margin: float | None = None,
-) -> dict[str, dict[str, float]]:
+    rule: str = RECALIBRATION_RULES[0],
+) -> dict[str, Any]:
     """Set a post-processor's thresholds and normalisation from normal images of a new condition alone.
 
     For a trained model whose scores moved with the light (or camera, exposure): ``normal_scores`` are its raw image
     scores of at least ``MIN_RECALIBRATION_NORMALS`` normal images of the new condition; ``map_maxima`` and
     ``map_minimum`` the highest value of each one's raw anomaly map and the lowest value of all of them (models with
-    a map). No anomaly of the new condition is known, so the threshold is the upper end of the normal-score window,
-    ``max + margin * (max - median)`` (``margin``: the post-processor's own, else 0.5): no new normal is flagged,
-    and a defect that scores above every normal is. Not the window's 90 % quantile: from ~10 images it flags 10-20 %
-    of normals, which on a line with few defects costs more F1 than a defect just above the normals.
+    a map). No anomaly of the new condition is known. The image threshold, by ``rule``:
 
-    - image: ``_image_threshold`` as above; ``image_min`` the normals' lowest score, ``image_max`` carried over by the
-      affine map taking the old (min, threshold) to the new (``_carry_range``), so normalised scores keep their scale.
-    - pixel (only with the map arguments, and where the model had a pixel threshold): the same rule on each normal
-      image's highest map value, so no pixel of a normal image is in ``pred_mask`` (the old pixel threshold, F1-optimal
-      on validation masks, sat lower inside the defects: masks are tighter); ``pixel_min``/``pixel_max`` as above.
-      A pixel threshold left NaN (anomalib's threshold matching: the image threshold) stays NaN and follows it.
+    - ``anchored`` (default): the fitted threshold carried to the new normals (``anchored_threshold``): as far from
+      their median, in units of their interquartile range, as it was from the validation normals', kept inside their
+      window. Unchanged light gives about the fitted threshold back. Needs the validation statistics a checkpoint
+      holds since 0.9.0; without them it falls back to ``upper``, and the returned ``rule`` says so.
+    - ``upper``: the top of the new normals' window, ``max + margin * (max - median)`` (``margin``: the
+      post-processor's own, else 0.5): no new normal is flagged, and a defect that scores above every normal is; one
+      that scores among them is missed.
 
-    Returns the buffers before and after (``{"before": {...}, "after": {...}}``, floats, NaN where unset). Raises
-    ``ValueError`` for fewer finite scores than ``MIN_RECALIBRATION_NORMALS`` or disabled thresholding.
+    Then: ``image_min`` the normals' lowest score, ``image_max`` carried over by the affine map taking the old (min,
+    threshold) to the new (``_carry_range``), so normalised scores keep their scale; the normal-score statistics
+    become the new normals' (a later recalibration starts from this condition).
+    Pixel (only with the map arguments, and where the model had a pixel threshold): the ``upper`` rule on each normal
+    image's highest map value (no validation statistics of maps are kept), so no pixel of a normal image is in
+    ``pred_mask``; ``pixel_min``/``pixel_max`` as above. A pixel threshold left NaN (anomalib's threshold matching:
+    the image threshold) stays NaN and follows it.
+
+    Returns ``{"before": {...}, "after": {...}, "rule": applied}`` (buffers as floats, NaN where unset). Raises
+    ``ValueError`` for fewer finite scores than ``MIN_RECALIBRATION_NORMALS``, disabled thresholding or an unknown
+    rule.
     """
     if not isinstance(post_processor, PostProcessor):
         msg = f"the model's post-processor ({type(post_processor).__name__}) is not anomalib's PostProcessor"
         raise ValueError(msg)  # noqa: TRY004  (the caller reports one kind of error)
     if not post_processor.enable_thresholding:
         msg = "the model's post-processor has thresholding disabled: there is no threshold to recalibrate"
+        raise ValueError(msg)
+    if rule not in RECALIBRATION_RULES:
+        msg = f"unknown recalibration rule {rule!r}: one of {', '.join(RECALIBRATION_RULES)}"
         raise ValueError(msg)
     device = post_processor._image_threshold.device  # noqa: SLF001
     scores = normal_scores.detach().flatten().float().to(device)
@@ -305,8 +370,23 @@ def recalibrate_thresholds(
     before = {name: float(value) for name, value in buffers.items()}
     old_image_threshold = post_processor.image_threshold.clone()
     old_pixel_threshold = post_processor.pixel_threshold.clone()
+    statistics = {name: getattr(post_processor, name, None) for name in NORMAL_STATISTICS}
 
-    image_threshold = normal_upper_bound(scores, margin)
+    image_threshold, applied = None, "upper"
+    if rule == "anchored" and None not in statistics.values():
+        image_threshold = anchored_threshold(
+            old_image_threshold,
+            statistics["normal_score_median"],
+            statistics["normal_score_iqr"],
+            scores,
+            margin,
+            float(getattr(post_processor, "normal_quantile", NORMAL_QUANTILE)),
+        )
+        applied = "anchored" if image_threshold is not None else "upper (no validation statistics to carry it)"
+    elif rule == "anchored":
+        applied = f"upper ({type(post_processor).__name__} keeps no validation statistics)"
+    if image_threshold is None:
+        image_threshold = normal_upper_bound(scores, margin)
     image_min = scores.min()
     image_max = _carry_range(
         buffers["image_min"], old_image_threshold, buffers["image_max"], image_min, image_threshold
@@ -314,6 +394,9 @@ def recalibrate_thresholds(
     buffers["_image_threshold"].copy_(image_threshold)
     buffers["image_min"].copy_(image_min)
     buffers["image_max"].copy_(image_max)
+    if None not in statistics.values():
+        statistics["normal_score_median"].copy_(scores.median())
+        statistics["normal_score_iqr"].copy_(interquartile_range(scores))
 
     if map_maxima is not None and map_minimum is not None and not bool(torch.isnan(old_pixel_threshold)):
         maxima = map_maxima.detach().flatten().float().to(device)
@@ -329,4 +412,5 @@ def recalibrate_thresholds(
                 buffers["_pixel_threshold"].copy_(pixel_threshold)
             buffers["pixel_min"].copy_(pixel_min)
             buffers["pixel_max"].copy_(pixel_max)
-    return {"before": before, "after": {name: float(value) for name, value in buffers.items()}}
+    after = {name: float(value) for name, value in buffers.items()}
+    return {"before": before, "after": after, "rule": applied}

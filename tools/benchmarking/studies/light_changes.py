@@ -39,11 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarking.builders import import_class
+from benchmarking.measures import image_threshold, raw_test_scores, scored
 from benchmarking.studies.arms import chosen_arms
 
 KINDS = ("mvtec", "folder")  # layouts with a plain validation split of normals
 MODEL_ARMS = ("none", "per_image")
 REPORT_ARMS = ("none", "per_image", "recalibration", "per_image+recalibration")
+# the recalibrated arms under a named rule (``anomalib_ext.models.components.thresholds.RECALIBRATION_RULES``);
+# the plain ``recalibration`` arms use the default rule, ``anchored``
+RULE_ARMS = ("recalibration:upper", "per_image+recalibration:upper")
 WARM = (1.10, 1.00, 0.85)  # R, G, B gains of a warmer light (about 3500 K under a 5000 K white balance)
 COLD = (0.85, 1.00, 1.10)
 VIGNETTE = 0.4  # the corners lose 40 % of their light
@@ -149,45 +153,6 @@ def recalibration_normals(datamodule, change: str, seed: int, folder: Path) -> l
     return paths
 
 
-def raw_test_scores(model, datamodule):  # noqa: ANN001, ANN201 (-> two 1-D torch tensors)
-    """The torch model's raw image scores on the test set (the full forward, as ``measures.evaluate``) and labels."""
-    import torch
-
-    from benchmarking.measures import raw_image_score
-
-    caught: list[torch.Tensor] = []
-    hook = model.model.register_forward_hook(lambda _module, _inputs, output: caught.append(raw_image_score(output)))
-    labels = []
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in datamodule.test_dataloader():
-                model(batch.image)
-                labels.append(batch.gt_label.int().flatten())
-    finally:
-        hook.remove()
-    return torch.cat(caught).float(), torch.cat(labels)
-
-
-def image_threshold(post_processor) -> float:  # noqa: ANN001
-    """The raw-score threshold the post-processor labels with (the pixel one when there is no image one)."""
-    threshold = float(post_processor.image_threshold)
-    return float(post_processor.pixel_threshold) if math.isnan(threshold) else threshold
-
-
-def scored(scores, labels, threshold: float) -> dict[str, Any]:  # noqa: ANN001
-    """Image AUROC of the raw scores and F1 of ``scores > threshold`` (the post-processor's labelling)."""
-    from torchmetrics.functional.classification import binary_auroc, binary_f1_score
-
-    from benchmarking.measures import unit_interval  # torchmetrics would squash raw scores with a sigmoid
-
-    return {
-        "image_auroc": float(binary_auroc(unit_interval(scores), labels.long())),
-        "image_f1": float(binary_f1_score((scores > threshold).int(), labels)),
-        "image_threshold": threshold,
-    }
-
-
 def measure(model, datamodule, seed: int, cell_dir: Path) -> dict[str, Any]:  # noqa: ANN001
     """Image AUROC and F1 of the fitted ``model`` under every change, as fitted and after recalibration.
 
@@ -196,7 +161,7 @@ def measure(model, datamodule, seed: int, cell_dir: Path) -> dict[str, Any]:  # 
     """
     import shutil
 
-    from anomalib_ext.commands.recalibrate import recalibrate
+    from anomalib_ext.commands.recalibrate import image_thresholds_by_rule, recalibrate
     from anomalib_ext.models.components.thresholds import MIN_RECALIBRATION_NORMALS
 
     test_data = datamodule.test_data
@@ -212,13 +177,18 @@ def measure(model, datamodule, seed: int, cell_dir: Path) -> dict[str, Any]:  # 
             results[change] = {"plain": scored(scores, labels, fitted_threshold)}
             normals = recalibration_normals(datamodule, change, seed, scratch / change)
             if len(normals) >= MIN_RECALIBRATION_NORMALS:
-                recalibration = recalibrate(model, normals)
+                recalibration = recalibrate(model, normals)  # the default rule
                 results[change]["recalibrated"] = {
                     **scored(scores, labels, image_threshold(model.post_processor)),
                     "normals": len(normals),
                     "normals_flagged_before": recalibration.flagged("before"),
+                    "rule": recalibration.rule,
                 }
                 model.post_processor.load_state_dict(fitted)
+                results[change]["recalibrated_by_rule"] = {  # every rule, from the same normal and test scores
+                    rule: scored(scores, labels, threshold)
+                    for rule, threshold in image_thresholds_by_rule(model.post_processor, recalibration.normals).items()
+                }
             print(  # noqa: T201 (the cell's log)
                 f"light_changes {change}: AUROC {results[change]['plain']['image_auroc']:.3f}, F1 "
                 f"{results[change]['plain']['image_f1']:.3f} -> recalibrated "
@@ -234,14 +204,20 @@ def measure(model, datamodule, seed: int, cell_dir: Path) -> dict[str, Any]:  # 
 
 # ------------------------------------------------------------------------------------------------ report
 def _arm_values(rows: list[dict[str, Any]], arm: str, change: str, key: str) -> list[float]:
-    """``key`` under ``change`` for report arm ``arm`` (a model arm, recalibrated when it ends in +recalibration)."""
+    """``key`` under ``change`` for report arm ``arm``: a model arm, recalibrated when it has ``recalibration``
+    (by the default rule, or by the rule after a colon)."""
+    arm, _, rule = arm.partition(":")
     model_arm = "none" if arm == "recalibration" else arm.removesuffix("+recalibration")
-    which = "recalibrated" if arm.endswith("recalibration") else "plain"
     values = []
     for row in rows:
         if row["model"].rpartition("@")[2] != model_arm:
             continue
-        value = (row.get("light_changes") or {}).get(change, {}).get(which, {}).get(key)
+        figures = (row.get("light_changes") or {}).get(change, {})
+        if rule:
+            figures = figures.get("recalibrated_by_rule", {}).get(rule, {})
+        else:
+            figures = figures.get("recalibrated" if arm.endswith("recalibration") else "plain", {})
+        value = figures.get(key)
         if value is not None and not math.isnan(value):
             values.append(value)
     return values
@@ -296,7 +272,8 @@ def report(rows: list[dict[str, Any]]) -> list[str]:
         "Fitted and thresholded under the unchanged light; the same model tested under each change "
         "(`tools/benchmarking/studies/light_changes.py` documents them). Means over seeds. Arms: *none* as fitted; "
         "*per_image* `input_normalization: per_image`; *recalibration*: the *none* model's thresholds recomputed on "
-        f"{RECALIBRATION_NORMALS} validation normals under the same change (`anomalib_ext.commands.recalibrate`); "
+        f"{RECALIBRATION_NORMALS} validation normals under the same change (`anomalib_ext.commands.recalibrate`, "
+        "its default rule `anchored`; *:upper* with `--rule upper`); "
         f"worst ΔF1: the largest F1 drop from the same arm's unchanged-light F1, 'holds' within {MAX_F1_DROP}.",
         "",
     ]
@@ -312,7 +289,7 @@ def report(rows: list[dict[str, Any]]) -> list[str]:
             + ".",
             "",
         ]
-    lines += _pivot(groups, "image_f1", "Image F1 (validation threshold):")
+    lines += _pivot(groups, "image_f1", "Image F1 (validation threshold):", REPORT_ARMS + RULE_ARMS)
     # recalibration moves thresholds only: its AUROC is its model arm's
     lines += _pivot(groups, "image_auroc", "Image AUROC (raw scores; the same with recalibration):", MODEL_ARMS)
     return lines
