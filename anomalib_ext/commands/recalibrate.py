@@ -68,6 +68,7 @@ from anomalib_ext.models.components.thresholds import (
     NORMAL_QUANTILE,
     POST_PROCESSOR_BUFFERS,
     RECALIBRATION_RULES,
+    labelling_threshold,
     recalibrate_thresholds,
 )
 
@@ -258,8 +259,7 @@ def image_thresholds_by_rule(post_processor: torch.nn.Module, normals: NormalSco
     for rule in RECALIBRATION_RULES:
         processor = copy.deepcopy(post_processor)
         recalibrate_thresholds(processor, torch.tensor(normals.scores), rule=rule)
-        threshold = float(processor.image_threshold)
-        thresholds[rule] = float(processor.pixel_threshold) if math.isnan(threshold) else threshold
+        thresholds[rule] = labelling_threshold(processor)
     return thresholds
 
 

@@ -139,7 +139,13 @@ def accuracy_stage(record: CellRecord, model, datamodule, settings: dict[str, An
     result = record.values
     record.stage("test")
     test_start = time.perf_counter()
-    metrics, speed_images = evaluate(model, datamodule, settings["n_visuals"], record.cell_dir / "visuals")
+    metrics, speed_images = evaluate(
+        model,
+        datamodule,
+        settings["n_visuals"],
+        record.cell_dir / "visuals",
+        result.get("recalibration_thresholds_by_rule"),  # --study lighting's bright+recalibration
+    )
     result.update(metrics)
     result["test_seconds"] = time.perf_counter() - test_start
     record.save()
@@ -181,10 +187,6 @@ def run_stages(spec: dict[str, Any], record: CellRecord, seed: int, started: flo
         record.stage("recalibration")  # --study lighting's bright+recalibration: new thresholds before the test
         result.update(lighting.before_test(model, datamodule, spec["model"], seed))
     speed_images = accuracy_stage(record, model, datamodule, settings)
-    if result.get("recalibration_thresholds_by_rule") and not settings.get("speed_only"):
-        record.stage("recalibration rules")  # the same test scores under every recalibration rule's threshold
-        result.update(lighting.after_test(model, datamodule, result))
-        record.save()
     if settings.get("study") == "light_changes" and not settings.get("speed_only"):
         record.stage("light changes")  # the same fitted model under each lighting change, plain and recalibrated
         result.update(light_changes.measure(model, datamodule, seed, cell_dir))

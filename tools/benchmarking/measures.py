@@ -5,7 +5,6 @@ process's memory and CPU time.
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from pathlib import Path
@@ -24,7 +23,9 @@ def squeeze_map(tensor, like):  # noqa: ANN001, ANN202 (torch tensors)
     return tensor[:, 0]
 
 
-def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[str, Any], list]:  # noqa: ANN001
+def evaluate(  # noqa: ANN001 (model, datamodule)
+    model, datamodule, n_visuals: int, visual_dir: Path, rule_thresholds: dict[str, float] | None = None
+) -> tuple[dict[str, Any], list]:
     """Accuracy on the test set through the model's full forward (pre-process, model, post-process).
 
     This is the same graph OpenVINO exports, so the numbers describe what would be deployed. Image F1 uses
@@ -33,7 +34,8 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
     ``image_f1_f1_optimal`` with the plain F1-optimal validation threshold (anomalib's rule, which our
     ``RobustThresholdPostProcessor`` clamps into the normal scores' window; equal to ``image_f1`` for anomalib's
     models) and ``image_f1_test_optimal`` with the best threshold on the test set itself (anomalib's default
-    ``same_as_test`` protocol: an upper bound, not an honest F1).
+    ``same_as_test`` protocol: an upper bound, not an honest F1). ``rule_thresholds`` (raw-score thresholds by
+    recalibration rule) add ``image_f1_by_rule``, from the same raw scores.
     """
     import torch
     from anomalib.metrics import AUPRO, AUROC, F1Score
@@ -106,7 +108,7 @@ def evaluate(model, datamodule, n_visuals: int, visual_dir: Path) -> tuple[dict[
     metrics["image_threshold"] = float(threshold) if threshold is not None else None
     all_raw_scores = torch.cat(raw_scores) if raw_scores else None
     if all_raw_scores is not None and len(all_raw_scores) == len(all_labels):
-        metrics.update(threshold_comparison(model.post_processor, all_raw_scores, all_labels))
+        metrics.update(threshold_comparison(model.post_processor, all_raw_scores, all_labels, rule_thresholds))
         metrics.update(raw_aurocs(all_raw_scores, all_labels, raw_maps, raw_masks if has_masks else []))
         pred_labels = torch.cat(predicted) if predicted else None
         metrics["per_defect"] = per_defect_metrics(
@@ -198,9 +200,9 @@ def per_defect_metrics(paths, labels, raw_scores, pred_labels, raw_maps, masks) 
     return result
 
 
-def threshold_comparison(post_processor, raw_scores, labels) -> dict[str, Any]:  # noqa: ANN001
-    """Image F1 of the same raw test scores under the plain F1-optimal validation threshold and the best threshold
-    on test (see ``evaluate``)."""
+def threshold_comparison(post_processor, raw_scores, labels, rule_thresholds=None) -> dict[str, Any]:  # noqa: ANN001
+    """Image F1 of the same raw test scores under the plain F1-optimal validation threshold, the best threshold
+    on test and each of ``rule_thresholds`` (see ``evaluate``)."""
     import torch
     from torchmetrics.functional.classification import binary_f1_score, binary_precision_recall_curve
 
@@ -217,6 +219,10 @@ def threshold_comparison(post_processor, raw_scores, labels) -> dict[str, Any]: 
         # rescaled into [0, 1]: monotone, so the same F1 per threshold
         precision, recall, _ = binary_precision_recall_curve(unit_interval(raw_scores), labels)
         result["image_f1_test_optimal"] = float((2 * precision * recall / (precision + recall + 1e-12)).max())
+    if rule_thresholds:
+        result["image_f1_by_rule"] = {
+            rule: float(binary_f1_score((raw_scores > value).int(), labels)) for rule, value in rule_thresholds.items()
+        }
     lower, upper = (getattr(post_processor, name, None) for name in ("normal_score_lower", "normal_score_upper"))
     if lower is not None and upper is not None:
         result["image_threshold_window"] = [float(lower), float(upper)]
@@ -260,12 +266,6 @@ def raw_test_scores(model, datamodule):  # noqa: ANN001, ANN201 (-> two 1-D torc
     finally:
         hook.remove()
     return torch.cat(caught).float(), torch.cat(labels)
-
-
-def image_threshold(post_processor) -> float:  # noqa: ANN001
-    """The raw-score threshold the post-processor labels with (the pixel one when there is no image one)."""
-    threshold = float(post_processor.image_threshold)
-    return float(post_processor.pixel_threshold) if math.isnan(threshold) else threshold
 
 
 def scored(scores, labels, threshold: float) -> dict[str, Any]:  # noqa: ANN001

@@ -31,6 +31,7 @@ they are not persistent, so checkpoints keep anomalib's state-dict keys.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -257,6 +258,13 @@ POST_PROCESSOR_BUFFERS = ("_image_threshold", "_pixel_threshold", "image_min", "
 NORMAL_STATISTICS = ("normal_score_median", "normal_score_iqr")  # of the validation (or recalibration) normals
 # how the image threshold moves to a new condition (``recalibrate_thresholds``); the first is the default
 RECALIBRATION_RULES = ("anchored", "upper")
+
+
+def labelling_threshold(post_processor: PostProcessor) -> float:
+    """The raw-score threshold ``post_processor`` labels images with: its image threshold, or the pixel one when
+    the image one is unset (anomalib's threshold matching)."""
+    threshold = float(post_processor.image_threshold)
+    return float(post_processor.pixel_threshold) if math.isnan(threshold) else threshold
 
 
 def normal_upper_bound(scores: torch.Tensor, margin: float = MARGIN) -> torch.Tensor:

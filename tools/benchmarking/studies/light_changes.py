@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarking.builders import import_class
-from benchmarking.measures import image_threshold, raw_test_scores, scored
+from benchmarking.measures import raw_test_scores, scored
 from benchmarking.studies.arms import chosen_arms
 
 KINDS = ("mvtec", "folder")  # layouts with a plain validation split of normals
@@ -162,12 +162,12 @@ def measure(model, datamodule, seed: int, cell_dir: Path) -> dict[str, Any]:  # 
     import shutil
 
     from anomalib_ext.commands.recalibrate import image_thresholds_by_rule, recalibrate
-    from anomalib_ext.models.components.thresholds import MIN_RECALIBRATION_NORMALS
+    from anomalib_ext.models.components.thresholds import MIN_RECALIBRATION_NORMALS, labelling_threshold
 
     test_data = datamodule.test_data
     original = test_data.augmentations
     fitted = copy.deepcopy(model.post_processor.state_dict())
-    fitted_threshold = image_threshold(model.post_processor)
+    fitted_threshold = labelling_threshold(model.post_processor)
     results: dict[str, Any] = {}
     scratch = cell_dir / "recalibration"
     try:
@@ -179,7 +179,7 @@ def measure(model, datamodule, seed: int, cell_dir: Path) -> dict[str, Any]:  # 
             if len(normals) >= MIN_RECALIBRATION_NORMALS:
                 recalibration = recalibrate(model, normals)  # the default rule
                 results[change]["recalibrated"] = {
-                    **scored(scores, labels, image_threshold(model.post_processor)),
+                    **scored(scores, labels, labelling_threshold(model.post_processor)),
                     "normals": len(normals),
                     "normals_flagged_before": recalibration.flagged("before"),
                     "rule": recalibration.rule,

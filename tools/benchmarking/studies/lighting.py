@@ -251,7 +251,7 @@ def dark_training_normals(datamodule, seed: int) -> list[str]:  # noqa: ANN001 (
 
 def before_test(model, datamodule, model_spec: dict[str, Any], seed: int) -> dict[str, Any]:  # noqa: ANN001
     """``bright+recalibration``: recalibrate the fitted model on dark training-pool normals before the test (by the
-    default rule; the threshold every rule gives from the same normals is kept for ``after_test``)."""
+    default rule; the threshold every rule gives from the same normals goes to ``measures.evaluate``)."""
     if not model_spec.get("lighting_recalibration"):
         return {}
     import copy
@@ -269,17 +269,6 @@ def before_test(model, datamodule, model_spec: dict[str, Any], seed: int) -> dic
         "recalibration_normals_flagged_before": recalibration.flagged("before"),
         "recalibration_thresholds_by_rule": image_thresholds_by_rule(fitted, recalibration.normals),
     }
-
-
-def after_test(model, datamodule, result: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
-    """``bright+recalibration``: the test F1 under every recalibration rule's threshold (the same raw scores)."""
-    thresholds = result.get("recalibration_thresholds_by_rule")
-    if not thresholds:
-        return {}
-    from benchmarking.measures import raw_test_scores, scored
-
-    scores, labels = raw_test_scores(model, datamodule)
-    return {"image_f1_by_rule": {rule: scored(scores, labels, value)["image_f1"] for rule, value in thresholds.items()}}
 
 
 def _mean_and_range(values: list[float]) -> str:
