@@ -538,6 +538,7 @@ def test_lighting_study_splits_by_session(dice_root: Path, tmp_path: Path) -> No
 
     from benchmarking.studies import lighting
     from lightning.pytorch.trainer.states import TrainerFn
+    from torchvision.transforms import v2
 
     from anomalib_ext.data import Dice
     from anomalib_ext.data.dice import HOLDOUT_SESSIONS
@@ -574,6 +575,16 @@ def test_lighting_study_splits_by_session(dice_root: Path, tmp_path: Path) -> No
     assert "train_views" not in restyled and restyled["lighting_augmentation"] is None
     fit_only = {"class_path": "anomalib_ext.models.Dfkdm", "init_args": {}, "lighting_augmentation": "histaugan"}
     assert lighting.model_for_cell(fit_only)["train_views"] == lighting.VIEWS
+    # the threshold is picked on validation images rendered as the light may shift: for every model
+    for model in (student, fit_only):
+        spec = lighting.model_for_cell(
+            {**model, "lighting_augmentation": "jitter", "lighting_validation_augmentation": "jitter"}
+        )
+        arm = Dice(root=source, train_sessions=list(lighting.BRIGHT_SESSIONS), num_workers=0)
+        lighting.apply_before_setup(arm, spec)
+        assert isinstance(arm.val_augmentations.transforms[0], v2.ColorJitter)
+        # TeacherStudent varies its training images itself; a fit-only model's training views are augmented
+        assert (arm.train_augmentations is None) == (model is student)
 
 
 def test_lighting_study_runs_four_arms_with_a_histaugan_trained_for_the_run(dice_root: Path, tmp_path: Path) -> None:

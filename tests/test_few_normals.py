@@ -6,7 +6,7 @@ on bottle subsampled to 24 training normals (30 in train/good, 20 % held out for
 cookie set that scored 0.48 (issue 23), through anomalib's Engine as ``anomalib train`` does.
 
 Every family on 10 synthetic normals (8 to train): one warning line each (a bank cap above the tiles, a density with
-more dimensions than images, too few held-out images for TemplateSsim's statistics, a gradient family's epochs giving
+more dimensions than images, too few images to hold out for TemplateSsim's statistics, a gradient family's epochs giving
 fewer optimiser steps than its ``min_steps``, which it then trains).
 """
 
@@ -176,7 +176,7 @@ STEPS = f"1 optimiser step(s) an epoch, 1 in 1 epochs, fewer than the {MIN_STEPS
     [
         ("TileOutlier", ["fewer than the bank's cap max_tiles=13456"]),
         ("Dfkdm", ["8 training images for 472 feature dimensions"]),
-        ("TemplateSsim", ["4 build the template, 2 the per-pixel statistics and 2 the score scale"]),
+        ("TemplateSsim", ["8 images: every image builds the template and the statistics come from 5-fold"]),
         ("Reconstruction", [STEPS]),
         ("TeacherStudent", [STEPS]),
         # two settings too rich, one line each: the density's dimensions and the autoencoder's steps

@@ -51,6 +51,36 @@ def test_per_image_normalization_ignores_brightness_and_contrast() -> None:
     assert torch.allclose(torch.from_numpy(exported(changed.numpy())[0]), per_image(changed), atol=1e-5)
 
 
+def test_flat_field_normalization_takes_out_a_smooth_light_fall_off() -> None:
+    """A gain per channel leaves the ``flat_field`` input unchanged; a vignette (a smooth multiplicative field)
+    moves it far less than it moves ``per_image``'s; a flat or black image stays finite; it traces and exports."""
+    flat_field = InputNormalizer.for_backbone("tf_efficientnet_lite0", "flat_field")
+    per_image = InputNormalizer.for_backbone("tf_efficientnet_lite0", "per_image")
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(2, 3, 16, 16, generator=generator)  # structure at every scale, as a part has
+    images = (
+        0.2
+        + 0.3 * torch.nn.functional.interpolate(coarse, size=128, mode="bilinear")
+        + 0.2 * torch.rand(2, 3, 128, 128, generator=generator)
+    )
+    gains = torch.tensor([0.8, 1.1, 1.3]).view(1, 3, 1, 1)
+    assert torch.allclose(flat_field(images), flat_field(images * gains), atol=1e-4)
+    vignetted = light_changes.change_light(images, "vignette")
+    moved_flat = (flat_field(images) - flat_field(vignetted)).abs().mean()
+    moved_per_image = (per_image(images) - per_image(vignetted)).abs().mean()
+    assert moved_flat < 0.5 * moved_per_image, (moved_flat, moved_per_image)
+    for plain in (torch.full((1, 3, 32, 32), 0.5), torch.zeros(1, 3, 32, 32)):
+        assert torch.isfinite(flat_field(plain)).all()
+    traced = torch.jit.trace(flat_field, images)
+    assert torch.allclose(traced(vignetted), flat_field(vignetted), atol=1e-5)
+    import openvino as ov
+
+    exported = ov.Core().compile_model(
+        ov.convert_model(flat_field, example_input=images), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    assert torch.allclose(torch.from_numpy(exported(vignetted.numpy())[0]), flat_field(vignetted), atol=1e-5)
+
+
 def test_lighting_changes_are_documented_and_deterministic() -> None:
     image = torch.full((3, 9, 9), 0.5)
     assert torch.allclose(light_changes.change_light(image, "gamma1.4"), torch.full_like(image, 0.38), atol=2e-3)

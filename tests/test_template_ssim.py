@@ -232,14 +232,8 @@ def test_several_templates_per_class_keep_their_class(fitted, dice_data: Path) -
         assert all(source[t] == index for t in _matched_template(model, test[name]))
 
 
-def test_pixel_statistics_keep_the_mark_at_the_peak(dice_data: Path) -> None:
-    """Per-pixel standardisation (fitted on held-out normals) still puts a planted mark at the map's peak."""
-    classes = _class_images(dice_data)
-    names = sorted(classes)[:4]
-    model = _torch_model(angles=ANGLES, max_shift=8, pixel_statistics=True).eval()
-    model.fit([classes[n][:4] for n in names], [classes[n][4:] for n in names])
-    assert model.pixel_stats.scale.shape == (4, 1, 96, 96) and bool((model.pixel_stats.scale > 0).all())
-    normal = _class_images(dice_data, "test")[names[2]][0]
+def _assert_planted_mark_peaks_and_stands_out(model: TemplateSsimModel, normal: torch.Tensor) -> None:
+    """A dark disc planted on a normal 96 px image: the map peaks on it and its score is 3 normal spreads higher."""
     marked = normal.clone()
     yy, xx = torch.meshgrid(torch.arange(96), torch.arange(96), indexing="ij")
     marked[:, ((yy - 60) ** 2 + (xx - 40) ** 2) <= 16] = 0.1
@@ -248,6 +242,45 @@ def test_pixel_statistics_keep_the_mark_at_the_peak(dice_data: Path) -> None:
     peak = int(output.anomaly_map[1, 0].flatten().argmax())
     assert abs(peak // 96 - 60) <= 4 and abs(peak % 96 - 40) <= 4
     assert output.pred_score[1] > output.pred_score[0] + 3.0
+
+
+def test_pixel_statistics_keep_the_mark_at_the_peak(dice_data: Path) -> None:
+    """Per-pixel standardisation (fitted on held-out normals) still puts a planted mark at the map's peak."""
+    classes = _class_images(dice_data)
+    names = sorted(classes)[:4]
+    model = _torch_model(angles=ANGLES, max_shift=8, pixel_statistics=True).eval()
+    model.fit([classes[n][:4] for n in names], [classes[n][4:] for n in names])
+    assert model.pixel_stats.scale.shape == (4, 1, 96, 96) and bool((model.pixel_stats.scale > 0).all())
+    _assert_planted_mark_peaks_and_stands_out(model, _class_images(dice_data, "test")[names[2]][0])
+
+
+def test_classes_too_small_to_split_are_cross_fitted(dice_data: Path) -> None:
+    """With no normals held out (few images), every image builds the template and every image calibrates it, each
+    scored against a template built without it; a planted mark still peaks there and scores far above a normal."""
+    classes = _class_images(dice_data)
+    names = sorted(classes)[:3]
+    train = [classes[name] for name in names]  # 8 images each
+    model = _torch_model(angles=ANGLES, max_shift=8, pixel_statistics=True).eval()
+    model.fit(train, [images[:0] for images in train], cross_fit_folds=4)
+    grey = [images.mean(dim=1, keepdim=True) for images in train]  # the dice images are grey: grey templates
+    for entry, images in enumerate(grey):
+        torch.testing.assert_close(model.templates[entry], model.build_template(images))
+    folds = model._cross_fitted_folds(grey, [images[:0] for images in grey], 4)
+    assert len(folds) == 3 * 4
+    for entry, images in enumerate(grey):
+        entry_folds = folds[4 * entry : 4 * entry + 4]
+        held = torch.cat([fold_images for _, fold_images in entry_folds])
+        assert sorted(map(tuple, held.flatten(1).tolist())) == sorted(map(tuple, images.flatten(1).tolist()))
+        for templates, fold_images in entry_folds:  # the fold's own template left its images out
+            assert not torch.equal(templates[entry], model.templates[entry])
+            torch.testing.assert_close(templates[entry], model.build_template(images[~_rows_in(images, fold_images)]))
+    assert bool((model.pixel_stats.scale > 0).all())
+    _assert_planted_mark_peaks_and_stands_out(model, _class_images(dice_data, "test")[names[1]][0])
+
+
+def _rows_in(images: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+    """Which of ``images`` are in ``subset`` (by content)."""
+    return (images.flatten(1)[:, None] == subset.flatten(1)[None]).all(dim=-1).any(dim=1)
 
 
 def test_lighting_changes_are_discounted_but_a_thin_line_is_not(dice_data: Path) -> None:

@@ -50,8 +50,10 @@ from .distributed import (
 from .filters import GaussianBlur, SSIMMap, gaussian_kernel_1d
 from .image_tiling import ImageTiling, TiledNetwork
 from .stats import (
+    CROSS_FIT_FOLDS,
     MapMoments,
     MapStandardizer,
+    fold_indices,
     k_medoids,
     robust_center_scale,
     topk_mean,
@@ -60,6 +62,7 @@ from .stats import (
 from .thresholds import NormalScoreWindow, RobustThresholdPostProcessor
 
 __all__ = [
+    "CROSS_FIT_FOLDS",
     "ImageTiling",
     "TiledNetwork",
     "CHECKPOINT_VERSION_KEY",
@@ -92,6 +95,7 @@ __all__ = [
     "backbone_mean_std",
     "build_feature_extractor",
     "class_from_path",
+    "fold_indices",
     "gather_objects",
     "gather_reservoir",
     "gather_rows",

@@ -13,6 +13,14 @@ from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
 MAD_TO_STD = 1.4826  # a normal distribution's standard deviation over its median absolute deviation
+# folds when a model cross-fits normal statistics on its own training images (fewer when there are fewer images)
+CROSS_FIT_FOLDS = 5
+
+
+def fold_indices(count: int, folds: int) -> list[torch.Tensor]:
+    """Interleaved folds of ``range(count)`` (item ``i`` in fold ``i % folds``): deterministic, so every DDP rank,
+    holding the same merged data, cross-fits the same way."""
+    return [torch.arange(fold, count, folds) for fold in range(folds)]
 
 
 def check_topk_fraction(value: float, *, allow_zero: bool = False) -> float:

@@ -102,8 +102,9 @@ class Dfkdm(FitOnlyHooks, _FittedDensityHooks, ExtModelMixin, MemoryBankMixin, A
         backbone: timm architecture with offline weights (``tf_efficientnet_lite0/1/2``).
         layers: backbone layers whose global-average-pooled activations are concatenated.
         input_normalization: how the torch model standardises the [0, 1] images for the backbone: ``backbone``
-            (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``), ``imagenet`` or ``per_image``
-            (each image's own per-channel mean/std: holds under brightness/contrast changes, docs/lighting.md).
+            (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``), ``imagenet``, ``per_image``
+            (each image's own per-channel mean/std: holds under brightness/contrast changes, docs/lighting.md) or
+            ``flat_field`` (first divided by its own smooth illumination: also under a light falling off across it).
         pre_trained: load the pretrained backbone weights.
         density: the density of the normal features: a ``DensitySettings``, or a mapping of some of its fields
             (``kind``, ``bandwidth``, ``n_components``, ``residual``, ``feature_scaling``,

@@ -60,8 +60,9 @@ class Fused(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
         fusion: ``mean`` of the two standardised scores (evidence from both adds up) or their ``max`` (either one
             alone decides).
         input_normalization: how the [0, 1] images are standardised for the backbone: ``backbone`` (the
-            mean/std its pretrained weights expect), ``imagenet`` or ``per_image`` (each image's own, which makes
-            the features hold under brightness/contrast changes; docs/lighting.md).
+            mean/std its pretrained weights expect), ``imagenet``, ``per_image`` (each image's own, which makes
+            the features hold under brightness/contrast changes; docs/lighting.md) or ``flat_field`` (first divided
+            by its own smooth illumination: also under a light falling off across it).
         image_tiling: ``ImageTiling`` or a mapping of its keys (``tile_size``, ``stride``, ``tile_batch``): run the
             backbone on tiles of a large ``image_size`` and stitch its features (configs/fused/mvtec_large.yaml).
         check_data: read every file of the datamodule before fitting and stop with exit status 2 naming the first

@@ -24,10 +24,12 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_ext.models.components import (
+    CROSS_FIT_FOLDS,
     ImageTiling,
     InputNormalization,
     InputNormalizer,
     build_feature_extractor,
+    fold_indices,
     robust_center_scale,
 )
 from anomalib_ext.models.components.kde import FeatureDensity
@@ -37,15 +39,7 @@ logger = logging.getLogger(__name__)
 
 Fusion = Literal["mean", "max"]
 FUSIONS: tuple[str, ...] = ("mean", "max")
-# cross-fitting folds for the held-out normal scores (fewer when there are fewer images)
-CALIBRATION_FOLDS = 5
 MIN_TRAINING_IMAGES = 3  # two folds of at least one held-out image, and a density needs two fit points
-
-
-def fold_indices(count: int, folds: int) -> list[torch.Tensor]:
-    """Interleaved folds of ``range(count)`` (image ``i`` in fold ``i % folds``): deterministic, so every DDP rank,
-    holding the same merged data, cross-fits the same way."""
-    return [torch.arange(fold, count, folds) for fold in range(folds)]
 
 
 def cross_fitted_scores(
@@ -54,7 +48,7 @@ def cross_fitted_scores(
     """Each row's score from a model fitted without it: ``fit_and_score(kept rows, held-out rows)`` once per fold."""
     scores = torch.empty(len(data), device=data.device)
     everything = torch.arange(len(data), device=data.device)
-    for held_out in fold_indices(len(data), min(CALIBRATION_FOLDS, len(data))):
+    for held_out in fold_indices(len(data), min(CROSS_FIT_FOLDS, len(data))):
         held_out = held_out.to(data.device)
         scores[held_out] = fit_and_score(data[everything[~torch.isin(everything, held_out)]], data[held_out])
     return scores

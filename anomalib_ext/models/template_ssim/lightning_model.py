@@ -24,6 +24,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
 from anomalib_ext.models.components import (
+    CROSS_FIT_FOLDS,
     DdpAnchor,
     ExtModelMixin,
     ImageSize,
@@ -234,18 +235,22 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
                 "good/; put all in class folders or none (or set class_folders=False)"
             )
             raise ValueError(msg)
+        class_less = named == [""]
+        per_entry = self.num_templates or (CLASS_LESS_TEMPLATES if class_less else 1)
+        cross_fit = per_entry == 1  # a class too small to split is cross-fitted instead (one template per class)
         generator = torch.Generator().manual_seed(self.seed)
         template_sets, calibration_sets = [], []
         for name in named:
             images = self._reservoir[name].samples().float().div(255).to(self.device)
             order = torch.randperm(len(images), generator=generator).to(self.device)
             held = round(len(images) * CALIBRATION_FRACTION) if len(images) >= 4 else 0
+            if cross_fit and self._split_is_thin(held):
+                held = 0
             calibration_sets.append(images[order[:held]])
             template_sets.append(images[order[held:]])
-        self._warn_when_calibration_is_thin(named, template_sets, calibration_sets)
-        class_less = named == [""]
-        per_entry = self.num_templates or (CLASS_LESS_TEMPLATES if class_less else 1)
-        template_source = self.model.fit(template_sets, calibration_sets, num_templates=per_entry)
+        self._warn_when_calibration_is_thin(named, template_sets, calibration_sets, cross_fit)
+        folds = CROSS_FIT_FOLDS if cross_fit else 0
+        template_source = self.model.fit(template_sets, calibration_sets, per_entry, cross_fit_folds=folds)
         # one name per statistics group (a class, or a template when an entry has several)
         if class_less:
             self.class_names = [f"template_{index}" for index in range(len(template_source))]
@@ -256,32 +261,56 @@ class TemplateSsim(ExtModelMixin, MemoryBankMixin, AnomalibModule):
         logger.info("TemplateSsim fitted %d templates, statistics groups %s", len(template_source), self.class_names)
         self._reservoir = {}
 
-    def _warn_when_calibration_is_thin(
-        self, names: list[str], template_sets: list[torch.Tensor], calibration_sets: list[torch.Tensor]
-    ) -> None:
-        """One line when held-out normals are too few for the statistics: half of a class's held-out images set the
-        per-pixel spread (``pixel_statistics``), the rest its score scale, each wanting ``min_calibration`` images
-        (bottle at 10 normals: 4 build the template, 2 + 2 calibrate; image AUROC 0.87, 0.97 with all 168)."""
+    def _split_is_thin(self, held: int) -> bool:
+        """Whether ``held`` held-out normals are too few: half of them set the per-pixel spread
+        (``pixel_statistics``), the rest the score scale, each wanting ``min_calibration`` images."""
         wanted = self.model.min_calibration
-        thin = []
-        for name, templates, held in zip(names, template_sets, calibration_sets, strict=True):
-            pixel = len(held) // 2 if self.model.pixel_statistics else 0
-            score = len(held) - pixel
-            if score < wanted or 0 < pixel < wanted or (self.model.pixel_statistics and pixel == 0):
-                thin.append((name, len(templates), pixel, score))
+        pixel = held // 2 if self.model.pixel_statistics else 0
+        return held - pixel < wanted or (self.model.pixel_statistics and pixel < wanted)
+
+    def _warn_when_calibration_is_thin(
+        self,
+        names: list[str],
+        template_sets: list[torch.Tensor],
+        calibration_sets: list[torch.Tensor],
+        cross_fit: bool,
+    ) -> None:
+        """One line when held-out normals are too few for the statistics. With one template per class such a class
+        is cross-fitted (bottle at 10 normals: image AUROC 0.87 from a 4 + 2 + 2 split, docs/choosing_a_model.md);
+        with several, it keeps the thin split."""
+        thin = [
+            (name, len(templates), len(held))
+            for name, templates, held in zip(names, template_sets, calibration_sets, strict=True)
+            if (cross_fit and not len(held)) or self._split_is_thin(len(held))
+        ]
         if not thin:
             return
-        name, templates, pixel, score = min(thin, key=lambda entry: entry[1] + entry[2] + entry[3])
+        name, templates, held = min(thin, key=lambda entry: entry[1] + entry[2])
+        which = repr(name) if name else "class-less"
+        if cross_fit:
+            logger.warning(
+                "TemplateSsim: %d of %d class(es) have too few training images to hold min_calibration=%d out for "
+                "each statistic; the fewest, %s: %d images: every image builds the template and the statistics come "
+                "from %d-fold cross-fitted maps (each image against a template built without it)",
+                len(thin),
+                len(names),
+                self.model.min_calibration,
+                which,
+                templates,
+                min(CROSS_FIT_FOLDS, templates),
+            )
+            return
+        pixel = held // 2 if self.model.pixel_statistics else 0
         logger.warning(
             "TemplateSsim: %d of %d class(es) have too few training images for their statistics; the fewest, %s: "
             "%d build the template, %d the per-pixel statistics and %d the score scale (min_calibration=%d each)",
             len(thin),
             len(names),
-            repr(name) if name else "class-less",
+            which,
             templates,
             pixel,
-            score,
-            wanted,
+            held - pixel,
+            self.model.min_calibration,
         )
 
     def _gather_reservoirs(self) -> dict[str, ReservoirSampler]:

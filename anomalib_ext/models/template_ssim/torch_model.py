@@ -7,6 +7,8 @@ graph (every template x every angle x a shift window), so it exports to OpenVINO
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from anomalib.data import InferenceBatch
@@ -19,6 +21,7 @@ from anomalib_ext.models.components import (
     MapMoments,
     MapStandardizer,
     SSIMMap,
+    fold_indices,
     k_medoids,
     robust_center_scale,
     topk_mean,
@@ -31,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 NO_CLASS = -1
 _MIN_SCALE = 1e-3
+# normals held out for the statistics, with the templates they are held out from (None: the fitted templates)
+HeldOut = tuple[torch.Tensor | None, torch.Tensor]
 
 
 class _ResizableSearch(DynamicBufferMixin, NccPoseSearch):
@@ -247,6 +252,7 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         template_images: list[torch.Tensor],
         calibration_images: list[torch.Tensor],
         num_templates: int = 1,
+        cross_fit_folds: int = 0,
     ) -> list[int]:
         """Build templates and per-group score statistics.
 
@@ -258,6 +264,10 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             num_templates: templates per entry. 1 = the aligned median of the entry, and the class is the
                 statistics group; k > 1 = k-medoids inside the entry (e.g. lighting regimes, or the kinds of a
                 class-less set) and every template is its own statistics group.
+            cross_fit_folds: with one template per entry, an entry with no calibration images (too few normals to
+                hold some out) is calibrated on cross-fitted maps instead: its images in this many interleaved folds,
+                each fold scored against a template built from the others. Every image then builds the template and
+                every image calibrates it (bottle at 10 normals: 8 and 8 instead of 4 and 2 + 2). 0 = never.
 
         Returns:
             for each template, the index of the entry (class) it was built from.
@@ -293,31 +303,79 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         self.templates = torch.stack(templates)
         self.template_class = torch.tensor(template_class, dtype=torch.long, device=self.templates.device)
         self.search.set_references(self.templates)
-        held_out = [images for images in calibration_images if len(images)]
+        held_out: list[HeldOut] = [(None, images) for images in calibration_images if len(images)]
+        if cross_fit_folds > 0 and num_templates == 1:  # template index == entry index
+            held_out += self._cross_fitted_folds(template_images, calibration_images, cross_fit_folds)
         if not held_out:
             logger.warning("TemplateSsim: no held-out normals; normalising with the template images' own scores")
-            held_out = template_images
+            held_out = [(None, images) for images in template_images]
         self._calibrate(held_out)
         return template_source
 
+    def _cross_fitted_folds(
+        self, template_images: list[torch.Tensor], calibration_images: list[torch.Tensor], folds: int
+    ) -> list[HeldOut]:
+        """Each fold of an entry without calibration images, with the fitted templates but that entry's rebuilt
+        from its other folds."""
+        held_out: list[HeldOut] = []
+        for entry, (images, calibration) in enumerate(zip(template_images, calibration_images, strict=True)):
+            if len(calibration) or len(images) < 2:
+                continue
+            for fold in fold_indices(len(images), min(folds, len(images))):
+                kept = torch.ones(len(images), dtype=torch.bool)
+                kept[fold] = False
+                templates = self.templates.clone()
+                templates[entry] = self.build_template(images[kept.to(images.device)])
+                held_out.append((templates, images[fold.to(images.device)]))
+        return held_out
+
+    @contextmanager
+    def _templates_swapped(self, templates: torch.Tensor | None) -> Iterator[None]:
+        """Score with ``templates`` (a cross-fitting fold's) instead of the fitted ones; ``None`` = the fitted."""
+        if templates is None:
+            yield
+            return
+        fitted = self.templates
+        self.templates = templates
+        self.search.set_references(templates)
+        try:
+            yield
+        finally:
+            self.templates = fitted
+            self.search.set_references(fitted)
+
     @torch.no_grad()
-    def _calibrate(self, held_out: list[torch.Tensor]) -> None:
-        """Per-pixel (optional) and per-class statistics from held-out normals, scored as at inference."""
+    def _calibrate(self, held_out: list[HeldOut]) -> None:
+        """Per-pixel (optional) and per-class statistics from held-out normals, scored as at inference.
+
+        Normals held out from the fitted templates are split: the first half sets the per-pixel statistics, the
+        second the score scale (disjoint, so the scale sees the pixel statistics as a new image would).
+        Cross-fitted folds serve both: they are there because the entry has too few images to split.
+        """
         num_classes = int(self.template_class.max()) + 1
         self.class_center = torch.zeros(num_classes, device=self.templates.device)
         self.class_scale = torch.ones(num_classes, device=self.templates.device)
         self.pixel_stats.reset()
         if self.pixel_statistics:
-            pixel_sets = [images[: len(images) // 2] for images in held_out]
-            held_out = [images[len(images) // 2 :] for images in held_out if len(images) > len(images) // 2]
-            self._fit_pixel_statistics(torch.cat(pixel_sets))
+            pixel_sets = [
+                (templates, images[: len(images) // 2] if templates is None else images)
+                for templates, images in held_out
+            ]
+            held_out = [
+                (templates, images[len(images) // 2 :] if templates is None else images)
+                for templates, images in held_out
+            ]
+            self._fit_pixel_statistics(pixel_sets)
         scores, classes, gains = [], [], []
-        for images in held_out:
-            for chunk in images.split(64):
-                anomaly_map, template_index, _, gain = self._maps_pose_gain(chunk)
-                scores.append(topk_mean(anomaly_map, self.topk_fraction))
-                classes.append(self.template_class[template_index])
-                gains.append(gain)
+        for templates, images in held_out:
+            with self._templates_swapped(templates):
+                for chunk in images.split(64):
+                    if not len(chunk):
+                        continue
+                    anomaly_map, template_index, _, gain = self._maps_pose_gain(chunk)
+                    scores.append(topk_mean(anomaly_map, self.topk_fraction))
+                    classes.append(self.template_class[template_index])
+                    gains.append(gain)
         all_scores, all_classes, all_gains = torch.cat(scores), torch.cat(classes), torch.cat(gains)
         trend = self.gain_trend and self.photometric
         for name in self._GAIN_BUFFERS:
@@ -341,12 +399,16 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             logger.info("TemplateSsim: normal score vs photometric gain, slopes %s", [round(s, 2) for s in slopes])
 
     @torch.no_grad()
-    def _fit_pixel_statistics(self, images: torch.Tensor) -> None:
+    def _fit_pixel_statistics(self, held_out: list[HeldOut]) -> None:
         """Per template: mean and spread of each normal map channel in the template frame, spread regularised."""
         moments = MapMoments(groups=len(self.templates))
-        for chunk in images.split(64):
-            anomaly_map, template_index, pose, _ = self._channel_maps(chunk, use_pixel_stats=False)
-            moments.add(to_reference_frame(anomaly_map, pose.angle, pose.shift), template_index)
+        for templates, images in held_out:
+            with self._templates_swapped(templates):
+                for chunk in images.split(64):
+                    if not len(chunk):
+                        continue
+                    anomaly_map, template_index, pose, _ = self._channel_maps(chunk, use_pixel_stats=False)
+                    moments.add(to_reference_frame(anomaly_map, pose.angle, pose.shift), template_index)
         self.pixel_stats.fit(moments)
 
     @staticmethod

@@ -103,8 +103,9 @@ class TileOutlier(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
             ``crop_size``).
         backbone, layers, pre_trained: the offline timm backbone and the layers of the tile embedding.
         input_normalization: how the torch model standardises the [0, 1] images for the backbone: ``backbone``
-            (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``), ``imagenet`` or ``per_image``
-            (each image's own per-channel mean/std: holds under brightness/contrast changes, docs/lighting.md).
+            (the mean/std its pretrained weights expect, timm's ``pretrained_cfg``), ``imagenet``, ``per_image``
+            (each image's own per-channel mean/std: holds under brightness/contrast changes, docs/lighting.md) or
+            ``flat_field`` (first divided by its own smooth illumination: also under a light falling off across it).
         search: ``SearchSettings`` or a mapping of its keys (``position_aware``, ``neighborhood``,
             ``num_neighbors``).
         memory_bank: ``MemoryBankSettings`` or a mapping of its keys (``max_tiles``, ``max_fit_tiles``).

@@ -15,15 +15,18 @@ the same change for every image and seed, so the spread is the models' and the s
 Every changed image is rounded to 8 bits, as a camera would deliver it. The change reaches the test set through the
 test dataset's ``augmentations`` (anomalib applies them to the raw [0, 1] image, before the model's pre-processor).
 
-Remedies, as arms. Model arms (one cell each): ``none`` and ``per_image`` (``input_normalization: per_image``, each
-image standardised by its own per-channel mean and std before the backbone, for models with that option). Within
+Remedies, as arms. Model arms (one cell each): ``none``, ``per_image`` (``input_normalization: per_image``, each
+image standardised by its own per-channel mean and std before the backbone, for models with that option) and
+``flat_field`` (``input_normalization: flat_field``: first divided by its own smooth illumination; not run unless
+``--arms`` names it). Within
 every cell, each change is also scored after **recalibration** (``anomalib_ext.commands.recalibrate.recalibrate``:
 thresholds and normalisation from normal images, no gradient step) on ``RECALIBRATION_NORMALS`` normals of the
 changed condition: validation normals (held out from training, never a test image), drawn with the cell's seed,
 put through the same change and written as PNG (a validation split with fewer normals gives all of them; one with
 fewer than recalibration's minimum leaves the recalibrated figures out); the model's post-processor is restored
 afterwards. Reported arms:
-``none``, ``per_image``, ``recalibration`` (the ``none`` model recalibrated), ``per_image+recalibration``.
+``none``, ``per_image``, ``flat_field``, ``recalibration`` (the ``none`` model recalibrated), and
+``per_image+recalibration``, ``flat_field+recalibration``.
 
 Report: per dataset, model, arm and change, image AUROC (raw scores) and image F1 (mean over seeds) and the F1
 drop from the same arm's unchanged-light F1; then, per model, the worst drop of each arm over the changes.
@@ -43,8 +46,18 @@ from benchmarking.measures import raw_test_scores, scored
 from benchmarking.studies.arms import chosen_arms
 
 KINDS = ("mvtec", "folder")  # layouts with a plain validation split of normals
-MODEL_ARMS = ("none", "per_image")
-REPORT_ARMS = ("none", "per_image", "recalibration", "per_image+recalibration")
+MODEL_ARMS = ("none", "per_image", "flat_field")
+DEFAULT_MODEL_ARMS = MODEL_ARMS[:2]
+# the input normalisations the model arms set (``input_normalization``); ``none`` keeps the model's own
+NORMALIZATION_ARMS = ("per_image", "flat_field")
+REPORT_ARMS = (
+    "none",
+    "per_image",
+    "flat_field",
+    "recalibration",
+    "per_image+recalibration",
+    "flat_field+recalibration",
+)
 # the recalibrated arms under a named rule (``anomalib_ext.models.components.thresholds.RECALIBRATION_RULES``);
 # the plain ``recalibration`` arms use the default rule, ``anchored``
 RULE_ARMS = ("recalibration:upper", "per_image+recalibration:upper")
@@ -110,26 +123,29 @@ class ChangedLight:
 def expand(
     datasets: list[dict[str, Any]], models: list[dict[str, Any]], settings: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One cell per model arm (``--arms``, default ``none per_image``); the changes run inside each cell."""
+    """One cell per model arm (``--arms``: ``none``, ``per_image``, ``flat_field``; default the first two); the
+    changes run inside each cell."""
     unsupported = [dataset["label"] for dataset in datasets if dataset["kind"] not in KINDS]
     if unsupported:
         msg = f"--study light_changes needs MVTec or folder layouts (a validation split of normals); not {unsupported}"
         raise ValueError(msg)
-    arms = chosen_arms(settings, MODEL_ARMS, MODEL_ARMS, "light_changes")
+    arms = chosen_arms(settings, MODEL_ARMS, DEFAULT_MODEL_ARMS, "light_changes")
     return datasets, [
         {**model, "label": f"{model['label']}@{arm}", "light_arm": arm} for model in models for arm in arms
     ]
 
 
 def model_for_cell(model_spec: dict[str, Any]) -> dict[str, Any]:
-    """The ``per_image`` arm sets the model's ``input_normalization``; a model without that option is an error."""
-    if model_spec.get("light_arm") != "per_image":
+    """The ``per_image`` and ``flat_field`` arms set the model's ``input_normalization``; a model without that
+    option is an error."""
+    arm = model_spec.get("light_arm")
+    if arm not in NORMALIZATION_ARMS:
         return model_spec
     parameters = inspect.signature(import_class(model_spec["class_path"]).__init__).parameters
     if "input_normalization" not in parameters:
-        msg = f"{model_spec['class_path']} has no input_normalization option: no per_image arm for it"
+        msg = f"{model_spec['class_path']} has no input_normalization option: no {arm} arm for it"
         raise ValueError(msg)
-    return {**model_spec, "init_args": {**(model_spec.get("init_args") or {}), "input_normalization": "per_image"}}
+    return {**model_spec, "init_args": {**(model_spec.get("init_args") or {}), "input_normalization": arm}}
 
 
 def recalibration_normals(datamodule, change: str, seed: int, folder: Path) -> list[Path]:  # noqa: ANN001
@@ -271,7 +287,8 @@ def report(rows: list[dict[str, Any]]) -> list[str]:
     lines += [
         "Fitted and thresholded under the unchanged light; the same model tested under each change "
         "(`tools/benchmarking/studies/light_changes.py` documents them). Means over seeds. Arms: *none* as fitted; "
-        "*per_image* `input_normalization: per_image`; *recalibration*: the *none* model's thresholds recomputed on "
+        "*per_image* / *flat_field* that `input_normalization`; *recalibration*: the *none* model's thresholds "
+        "recomputed on "
         f"{RECALIBRATION_NORMALS} validation normals under the same change (`anomalib_ext.commands.recalibrate`, "
         "its default rule `anchored`; *:upper* with `--rule upper`); "
         f"worst ΔF1: the largest F1 drop from the same arm's unchanged-light F1, 'holds' within {MAX_F1_DROP}.",

@@ -28,7 +28,9 @@ How an augmentation reaches a model: a model with its own (an ``augmentation`` a
 ``histaugan_checkpoint`` fields, TeacherStudent) gets them set (jitter 0 in ``@all``, ``@bright``,
 ``@bright+histaugan``); any other model (a fit-only one) gets its normal set extended: the training split
 repeated ``VIEWS`` times, each view through the augmentation with probability 0.5, and the plain arms keep one
-view.
+view. In both augmentation arms every model's **validation** images (normals and anomalies) go through the same
+augmentation with probability 0.5 (since 0.10.0): the threshold is picked on images rendered as the light may
+shift, as the augmentation promises the model will meet them.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def expand(
                     "label": f"{model['label']}@{arm}",
                     "dataset_options": options,
                     "lighting_augmentation": augmentation,
+                    "lighting_validation_augmentation": augmentation,
                     "histaugan_checkpoint": str(generator) if augmentation == "histaugan" else None,
                     "lighting_recalibration": remedy == "recalibration",
                     "lighting_per_image": remedy == "per_image",
@@ -182,11 +185,8 @@ def model_for_cell(model_spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def apply_before_setup(datamodule, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
-    """Fit-only arms: the augmentation every training view goes through."""
-    augmentation = model_spec.get("lighting_augmentation")
-    if not augmentation:
-        return
+def augmentation_transform(augmentation: str, histaugan_checkpoint: str | None):  # noqa: ANN201 (a v2 transform)
+    """The arm's photometric augmentation, applied to a share ``AUGMENT_P`` of the images."""
     from torchvision.transforms import v2
 
     if augmentation == "jitter":
@@ -194,8 +194,18 @@ def apply_before_setup(datamodule, model_spec: dict[str, Any]) -> None:  # noqa:
     else:
         from anomalib_ext.augment.histaugan import HistAuGANAugment
 
-        transform = HistAuGANAugment(model_spec["histaugan_checkpoint"], p=1.0)
-    datamodule.train_augmentations = v2.RandomApply([transform], p=AUGMENT_P)
+        transform = HistAuGANAugment(histaugan_checkpoint, p=1.0)
+    return v2.RandomApply([transform], p=AUGMENT_P)
+
+
+def apply_before_setup(datamodule, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
+    """Augmentation arms: the fit-only models' training views go through the augmentation, and every model's
+    validation images do too (its threshold is picked on normals and anomalies rendered as the light may shift)."""
+    checkpoint = model_spec.get("histaugan_checkpoint")
+    if augmentation := model_spec.get("lighting_augmentation"):
+        datamodule.train_augmentations = augmentation_transform(augmentation, checkpoint)
+    if augmentation := model_spec.get("lighting_validation_augmentation"):
+        datamodule.val_augmentations = augmentation_transform(augmentation, checkpoint)
 
 
 def apply_after_setup(datamodule, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
