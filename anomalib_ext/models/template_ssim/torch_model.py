@@ -7,7 +7,7 @@ graph (every template x every angle x a shift window), so it exports to OpenVINO
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -330,19 +330,25 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
         return held_out
 
     @contextmanager
-    def _templates_swapped(self, templates: torch.Tensor | None) -> Iterator[None]:
-        """Score with ``templates`` (a cross-fitting fold's) instead of the fitted ones; ``None`` = the fitted."""
-        if templates is None:
-            yield
-            return
+    def _fold_templates(self) -> Iterator[Callable[[torch.Tensor | None], None]]:
+        """A setter that makes the search score with a fold's templates (``None``: the fitted ones), changing the
+        pose search's references only when they change (that is what costs); the fitted ones are back on exit."""
         fitted = self.templates
-        self.templates = templates
-        self.search.set_references(templates)
+        current: list[torch.Tensor | None] = [None]
+
+        def use(templates: torch.Tensor | None) -> None:
+            if templates is current[0]:
+                return
+            self.templates = fitted if templates is None else templates
+            self.search.set_references(self.templates)
+            current[0] = templates
+
         try:
-            yield
+            yield use
         finally:
-            self.templates = fitted
-            self.search.set_references(fitted)
+            if current[0] is not None:
+                self.templates = fitted
+                self.search.set_references(fitted)
 
     @torch.no_grad()
     def _calibrate(self, held_out: list[HeldOut]) -> None:
@@ -367,8 +373,9 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             ]
             self._fit_pixel_statistics(pixel_sets)
         scores, classes, gains = [], [], []
-        for templates, images in held_out:
-            with self._templates_swapped(templates):
+        with self._fold_templates() as use:
+            for templates, images in sorted(held_out, key=lambda pair: pair[0] is not None):  # fitted ones first
+                use(templates)
                 for chunk in images.split(64):
                     if not len(chunk):
                         continue
@@ -402,8 +409,9 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
     def _fit_pixel_statistics(self, held_out: list[HeldOut]) -> None:
         """Per template: mean and spread of each normal map channel in the template frame, spread regularised."""
         moments = MapMoments(groups=len(self.templates))
-        for templates, images in held_out:
-            with self._templates_swapped(templates):
+        with self._fold_templates() as use:
+            for templates, images in sorted(held_out, key=lambda pair: pair[0] is not None):  # fitted ones first
+                use(templates)
                 for chunk in images.split(64):
                     if not len(chunk):
                         continue
