@@ -7,8 +7,7 @@ graph (every template x every angle x a shift window), so it exports to OpenVINO
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 
 import torch
 from anomalib.data import InferenceBatch
@@ -329,24 +328,20 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
                 held_out.append((templates, images[fold.to(images.device)]))
         return held_out
 
-    @contextmanager
-    def _fold_templates(self) -> Iterator[Callable[[torch.Tensor | None], None]]:
-        """A setter that makes the search score with a fold's templates (``None``: the fitted ones), changing the
-        pose search's references only when they change (that is what costs); the fitted ones are back on exit."""
-        fitted = self.templates
-        current: list[torch.Tensor | None] = [None]
-
-        def use(templates: torch.Tensor | None) -> None:
-            if templates is current[0]:
-                return
-            self.templates = fitted if templates is None else templates
-            self.search.set_references(self.templates)
-            current[0] = templates
-
+    def _held_out_chunks(self, held_out: list[HeldOut]) -> Iterator[torch.Tensor]:
+        """The held-out images in chunks of 64, each scored with the templates it is held out from in place: the
+        fitted ones first, the pose search's references changed only when the templates change (that is what
+        costs), the fitted ones back at the end."""
+        fitted, current = self.templates, None
         try:
-            yield use
+            for templates, images in sorted(held_out, key=lambda pair: pair[0] is not None):
+                if templates is not current:
+                    self.templates = fitted if templates is None else templates
+                    self.search.set_references(self.templates)
+                    current = templates
+                yield from (chunk for chunk in images.split(64) if len(chunk))
         finally:
-            if current[0] is not None:
+            if current is not None:
                 self.templates = fitted
                 self.search.set_references(fitted)
 
@@ -373,16 +368,11 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
             ]
             self._fit_pixel_statistics(pixel_sets)
         scores, classes, gains = [], [], []
-        with self._fold_templates() as use:
-            for templates, images in sorted(held_out, key=lambda pair: pair[0] is not None):  # fitted ones first
-                use(templates)
-                for chunk in images.split(64):
-                    if not len(chunk):
-                        continue
-                    anomaly_map, template_index, _, gain = self._maps_pose_gain(chunk)
-                    scores.append(topk_mean(anomaly_map, self.topk_fraction))
-                    classes.append(self.template_class[template_index])
-                    gains.append(gain)
+        for chunk in self._held_out_chunks(held_out):
+            anomaly_map, template_index, _, gain = self._maps_pose_gain(chunk)
+            scores.append(topk_mean(anomaly_map, self.topk_fraction))
+            classes.append(self.template_class[template_index])
+            gains.append(gain)
         all_scores, all_classes, all_gains = torch.cat(scores), torch.cat(classes), torch.cat(gains)
         trend = self.gain_trend and self.photometric
         for name in self._GAIN_BUFFERS:
@@ -409,14 +399,9 @@ class TemplateSsimModel(DynamicBufferMixin, nn.Module):
     def _fit_pixel_statistics(self, held_out: list[HeldOut]) -> None:
         """Per template: mean and spread of each normal map channel in the template frame, spread regularised."""
         moments = MapMoments(groups=len(self.templates))
-        with self._fold_templates() as use:
-            for templates, images in sorted(held_out, key=lambda pair: pair[0] is not None):  # fitted ones first
-                use(templates)
-                for chunk in images.split(64):
-                    if not len(chunk):
-                        continue
-                    anomaly_map, template_index, pose, _ = self._channel_maps(chunk, use_pixel_stats=False)
-                    moments.add(to_reference_frame(anomaly_map, pose.angle, pose.shift), template_index)
+        for chunk in self._held_out_chunks(held_out):
+            anomaly_map, template_index, pose, _ = self._channel_maps(chunk, use_pixel_stats=False)
+            moments.add(to_reference_frame(anomaly_map, pose.angle, pose.shift), template_index)
         self.pixel_stats.fit(moments)
 
     @staticmethod

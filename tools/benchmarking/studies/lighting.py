@@ -201,11 +201,18 @@ def augmentation_transform(augmentation: str, histaugan_checkpoint: str | None):
 def apply_before_setup(datamodule, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
     """Augmentation arms: the fit-only models' training views go through the augmentation, and every model's
     validation images do too (its threshold is picked on normals and anomalies rendered as the light may shift)."""
-    checkpoint = model_spec.get("histaugan_checkpoint")
-    if augmentation := model_spec.get("lighting_augmentation"):
-        datamodule.train_augmentations = augmentation_transform(augmentation, checkpoint)
-    if augmentation := model_spec.get("lighting_validation_augmentation"):
-        datamodule.val_augmentations = augmentation_transform(augmentation, checkpoint)
+    training, validation = model_spec.get("lighting_augmentation"), model_spec.get("lighting_validation_augmentation")
+    if not (training or validation):
+        return
+    if training and validation and training != validation:
+        msg = f"lighting: an arm has one augmentation, got {training!r} for training and {validation!r} for validation"
+        raise ValueError(msg)
+    # one transform for both (the arm's one augmentation): a HistAuGAN generator is loaded once
+    transform = augmentation_transform(validation or training, model_spec.get("histaugan_checkpoint"))
+    if training:
+        datamodule.train_augmentations = transform
+    if validation:
+        datamodule.val_augmentations = transform
 
 
 def apply_after_setup(datamodule, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
