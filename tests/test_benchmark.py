@@ -639,6 +639,9 @@ def test_export_precisions_give_one_row_each_with_the_exported_models_auroc_and_
     assert float(fp32["openvino_image_auroc"]) == pytest.approx(float(fp32["image_auroc"]), abs=1e-3)
     assert float(fp32["openvino_pixel_auroc"]) == pytest.approx(float(fp32["pixel_auroc"]), abs=1e-3)
     assert int8["image_auroc"] == fp32["image_auroc"]
+    # the export's own labels: the f32 graph applies the threshold torch's F1 was computed with
+    assert float(fp32["openvino_image_f1"]) == pytest.approx(float(fp32["image_f1"]), abs=1e-6)
+    assert 0.0 <= float(int8["openvino_image_f1"]) <= 1.0
     # INT8 may cost a little accuracy, not the model: a scrambled quantisation falls towards 0.5
     assert float(int8["openvino_image_auroc"]) >= float(fp32["openvino_image_auroc"]) - 0.05
     assert float(int8["openvino_pixel_auroc"]) >= float(fp32["openvino_pixel_auroc"]) - 0.05

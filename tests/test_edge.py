@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalib_ext.models.components.quantization import module_pattern
+from anomalib_ext.models.components.quantization import RECENTRING_NODE, module_pattern, shift_image_scores
 from tests.harness.configs import build_from_config, config_id, model_configs, model_section
 
 
@@ -57,6 +57,43 @@ def _layers_run_by_inference(model: torch.nn.Module) -> list[str]:
         for hook in hooks:
             hook.remove()
     return ran
+
+
+def _graph_with_score_and_label(threshold: float) -> object:
+    """A stand-in exported graph: ``pred_score`` = its input, ``pred_label`` = the score against ``threshold``."""
+    import openvino
+    from openvino import opset13 as ops
+
+    images = ops.parameter([4], np.float32, name="input")
+    score = ops.multiply(images, ops.constant(np.float32(1.0)))
+    label = ops.greater(score, ops.constant(np.float32(threshold)))
+    score.output(0).get_tensor().set_names({"pred_score"})
+    label.output(0).get_tensor().set_names({"pred_label"})
+    return openvino.Model([ops.result(score), ops.result(label)], [images])
+
+
+@pytest.mark.parametrize("scale", ["raw", "softsign"])
+def test_recentring_takes_the_shift_off_the_score_and_the_label_it_makes(scale: str) -> None:
+    """INT8 recentring (quantization.shift_image_scores): the output keeps its name, the label reads the corrected
+    score, and on the normalised (softsign) scale the shift is applied in raw units, keeping the order and (0, 1)."""
+    import openvino
+
+    graph = _graph_with_score_and_label(0.5 if scale == "softsign" else 2.0)
+    shift_image_scores(graph, 0.6, scale)  # type: ignore[arg-type]
+    assert [op.get_type_name() for op in graph.get_ops() if op.get_friendly_name() == RECENTRING_NODE] != []
+    compiled = openvino.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    inputs = np.array([0.2, 0.55, 0.8, 0.9] if scale == "softsign" else [1.0, 2.3, 2.7, 3.0], dtype=np.float32)
+    outputs = compiled(inputs)
+    scores, labels = outputs["pred_score"], outputs["pred_label"]
+    if scale == "raw":
+        np.testing.assert_allclose(scores, inputs - 0.6, atol=1e-6)
+        assert labels.tolist() == [False, False, True, True]  # 2.3 - 0.6 is below 2.0 now, 2.7 - 0.6 above
+    else:
+        raw = (2 * inputs - 1) / (1 - np.abs(2 * inputs - 1))  # the softsign undone
+        moved = raw - 0.6
+        np.testing.assert_allclose(scores, 0.5 + 0.5 * moved / (1 + np.abs(moved)), atol=1e-5)
+        assert (np.diff(scores) > 0).all() and (scores > 0).all() and (scores < 1).all()
+        assert labels.tolist() == (scores > 0.5).tolist() == [False, False, True, True]  # 0.55 was above, is below
 
 
 @pytest.mark.parametrize("config", model_configs(), ids=config_id)

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_ext.models import Fused
-from anomalib_ext.models.fused.torch_model import FusedModel
+from anomalib_ext.models.fused.torch_model import FusedModel, pooled_mean_and_spread
 
 IMAGE_SIZE = 64
 
@@ -23,7 +23,7 @@ def _normal_data(model: FusedModel, count: int, generator: torch.Generator) -> t
     tile_dim = 24 + 40 + 112  # tf_efficientnet_lite0 blocks.1 + blocks.2 + blocks.4
     centre = F.normalize(torch.randn(rows, cols, tile_dim, generator=generator), dim=-1)
     tiles = F.normalize(centre + 0.05 * torch.randn(count, rows, cols, tile_dim, generator=generator), dim=-1)
-    features = 3.0 + torch.randn(count, 472, generator=generator)
+    features = 3.0 + torch.randn(count, 2 * (40 + 112), generator=generator)  # mean and spread, blocks.2 + blocks.4
     return tiles, features
 
 
@@ -66,6 +66,36 @@ def test_one_backbone_pass_per_image() -> None:
     assert len(calls) == 1
     assert output.pred_score.shape == (2,)
     assert output.anomaly_map.shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_the_default_pass_ends_where_tile_outliers_does() -> None:
+    """The cost promise (at most 1.3x TileOutlier's OpenVINO time): the global half reads no deeper layer than the
+    tile half, so the backbone stops at blocks.4 as TileOutlier's does."""
+    model = _model()
+    assert model.feature_extractor.layers == ["blocks.1", "blocks.2", "blocks.4"]
+    assert model.spread_windows == [2, 1]  # a 16 px tile covers 2 x 2 cells of blocks.2 (stride 8), 1 of blocks.4
+    with torch.no_grad():
+        features = model.feature_extractor(torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    assert list(features) == ["blocks.1", "blocks.2", "blocks.4"]
+
+
+def test_the_global_features_see_a_change_of_contrast_that_keeps_the_mean() -> None:
+    """A busier grain with the same average activation (a texture defect) moves the spread half of the vector; with a
+    window, the spread is that of the window means (pixel noise that averages out inside a tile does not count)."""
+    generator = torch.Generator().manual_seed(3)
+    calm = 1.0 + 0.1 * torch.randn(1, 8, 16, 16, generator=generator)
+    mean = calm.mean((2, 3), keepdim=True)
+    busy = mean + 3.0 * (calm - mean)  # the same mean, three times the spread
+    calm_vector, busy_vector = pooled_mean_and_spread(calm, 1), pooled_mean_and_spread(busy, 1)
+    assert torch.allclose(calm_vector[:, :8], busy_vector[:, :8], atol=1e-5)
+    assert torch.allclose(busy_vector[:, 8:], 3.0 * calm_vector[:, 8:], rtol=1e-4)
+    assert torch.allclose(calm_vector[:, 8:], calm.std((2, 3), unbiased=False), rtol=1e-4)
+    noise = 0.5 * torch.randn(1, 8, 16, 16, generator=generator)  # one value per cell: averages out over 4 x 4
+    stripes = torch.zeros(1, 8, 16, 16)
+    stripes[..., :8, :] = 0.5  # half the surface brighter: a change at the scale of the window
+    windowed_noise, windowed_stripes = pooled_mean_and_spread(noise, 4), pooled_mean_and_spread(stripes, 4)
+    assert float(windowed_noise[:, 8:].max()) < 0.5 * float(pooled_mean_and_spread(noise, 1)[:, 8:].min())
+    assert float(windowed_stripes[:, 8:].min()) > 0.8 * float(pooled_mean_and_spread(stripes, 1)[:, 8:].max())
 
 
 def test_too_few_images_to_calibrate_is_one_clear_error() -> None:

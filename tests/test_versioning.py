@@ -13,7 +13,7 @@ from lightning.pytorch import Trainer
 
 import anomalib_ext
 from anomalib_ext.cli import main as cli_main
-from anomalib_ext.models import Reconstruction
+from anomalib_ext.models import Fused, Reconstruction
 from anomalib_ext.models.components import CHECKPOINT_VERSION_KEY, IncompatibleCheckpointError
 
 MODELS = Path(anomalib_ext.__file__).parent / "models"
@@ -30,10 +30,10 @@ def test_cli_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith(f"anomalib-ext {anomalib_ext.__version__} (anomalib 2.")
 
 
-def _saved_checkpoint(path: Path) -> dict:
-    """A real checkpoint of an untrained ``Reconstruction``, written by Lightning."""
+def _saved_checkpoint(path: Path, model: object = None) -> dict:
+    """A real checkpoint of an untrained ``Reconstruction`` (or ``model``), written by Lightning."""
     trainer = Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", devices=1, enable_progress_bar=False)
-    trainer.strategy.connect(Reconstruction())
+    trainer.strategy.connect(model if model is not None else Reconstruction())
     trainer.save_checkpoint(path)
     return torch.load(path, weights_only=False)
 
@@ -69,6 +69,24 @@ def test_older_checkpoints_fail_with_one_line_naming_the_release_that_reads_them
     assert expected in message
     assert f"this is {anomalib_ext.__version__}, which reads checkpoints of 0.4 and later" in message
     assert f"pip install anomalib-ext=={written_by or '0.3.0'}" in message
+
+
+def test_a_model_whose_buffers_changed_meaning_refuses_its_older_checkpoints(tmp_path: Path) -> None:
+    """0.11.0's Fused density reads other features than 0.10.0's: a 0.10.0 Fused checkpoint would load its buffers
+    (they resize) and fail on the first image with a shape error deep in the density; it is refused in one line."""
+    checkpoint = _saved_checkpoint(tmp_path / "model.ckpt", Fused(image_size=64, tile_size=16, stride=16))
+    assert Fused.oldest_readable_release == (0, 11) > Reconstruction.oldest_readable_release
+    checkpoint[CHECKPOINT_VERSION_KEY] = "0.10.0"
+    torch.save(checkpoint, tmp_path / "fused-0.10.ckpt")
+    with pytest.raises(IncompatibleCheckpointError) as caught:
+        Fused.load_from_checkpoint(tmp_path / "fused-0.10.ckpt")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "written by anomalib-ext 0.10.0; this is" in message and "reads checkpoints of 0.11 and later" in message
+    assert "pip install anomalib-ext==0.10.0" in message
+    checkpoint[CHECKPOINT_VERSION_KEY] = anomalib_ext.__version__
+    torch.save(checkpoint, tmp_path / "fused-now.ckpt")
+    assert isinstance(Fused.load_from_checkpoint(tmp_path / "fused-now.ckpt"), Fused)
 
 
 def test_an_old_checkpoint_whose_arguments_are_gone_fails_with_the_release_line(tmp_path: Path) -> None:

@@ -433,12 +433,12 @@ def summary(result: dict[str, Any]) -> str:
         parts.append(f"torch {result['torch_images_per_s']:.1f} img/s")
     for export in result.get("openvino_exports") or [{"openvino_precision": "", **result}]:
         if export.get("openvino_images_per_s"):
-            auroc = export.get("openvino_image_auroc")
+            auroc, f1 = export.get("openvino_image_auroc"), export.get("openvino_image_f1")
             name = " ".join(filter(None, ("OpenVINO", export["openvino_precision"])))
-            parts.append(
-                f"{name} {export['openvino_images_per_s']:.1f} img/s"
-                + (f" (image AUROC {auroc:.3f})" if auroc is not None else "")
-            )
+            accuracy = [f"image AUROC {auroc:.3f}"] if auroc is not None else []
+            accuracy += [f"F1 {f1:.3f}"] if f1 is not None else []
+            speed = f"{name} {export['openvino_images_per_s']:.1f} img/s"
+            parts.append(speed + (f" ({', '.join(accuracy)})" if accuracy else ""))
     if result.get("backbone_img_per_s"):
         parts.append(f"backbone trunk {result['backbone_img_per_s']:.1f} img/s")
     return "ok: " + ", ".join(parts)

@@ -149,8 +149,10 @@ def test_openvino_raw_scores_and_maps_match_torch_on_real_images(seeded_run, rea
 INT8_SCORE_TOLERANCE = 0.1
 INT8_SCORE_TOLERANCE_PER_MODEL = {"dfkdm_backbone": 0.3, "dfkdm_lake": 0.45}
 # Fused's score is standardised (0 = a typical normal image, 1 = one robust spread of held-out normal scores): a share
-# of a value near 0 means nothing, so its normal images may move by this many spreads (measured <= 0.37)
-INT8_SCORE_SPREADS = {"fused": 0.5}
+# of a value near 0 means nothing, so its normal images may move by this many spreads. Measured 0.66-0.67 since 0.11.0
+# (0.36 before): its density reads blocks.2/4's means and spreads, which INT8 rounds more than blocks.6's means, against
+# the tight spread of 8 synthetic images' held-out scores; on bottle its INT8 export keeps F1 1.000 (docs/edge.md)
+INT8_SCORE_SPREADS = {"fused": 1.0}
 INT8_MIN_RANK_CORRELATION = 0.9  # measured 0.985 (TeacherStudent) to 0.994 (Dfkdm)
 INT8_IMAGES = {"n_test_good": 8, "n_test_per_defect": 2}  # 8 normal + 8 defective: enough for a rank correlation
 # the largest INT8 map difference on one image, as a share of that torch map's maximum, per model: measured
@@ -180,6 +182,7 @@ def test_int8_export_keeps_scores_ranking_and_maps(seeded_run, int8_root: Path, 
     from scipy.stats import spearmanr
 
     from anomalib_ext.data.synthetic import MVTEC_DEFECTS
+    from anomalib_ext.models.components.quantization import RECENTRING_NODE
 
     case, (model, run, _, _, datamodule) = seeded_run
     if not case.exportable:
@@ -198,6 +201,8 @@ def test_int8_export_keeps_scores_ranking_and_maps(seeded_run, int8_root: Path, 
     assert reads_int8, f"{case.name}: INT8_PTQ quantised nothing"
     prefixes = tuple(f"{module}{separator}" for module in model.quantized_modules() for separator in "/.")
     assert sorted({name for name in reads_int8 if not name.startswith(prefixes)}) == []
+    # INT8's shift of normal scores, measured on the calibration images, is taken off the graph's score
+    assert any(op.get_friendly_name() == RECENTRING_NODE for op in openvino.Core().read_model(xml).get_ops())
     paths = sorted((int8_root / "test").rglob("*.png"))
     assert len(paths) == INT8_IMAGES["n_test_good"] + len(MVTEC_DEFECTS) * INT8_IMAGES["n_test_per_defect"]
     reference, results = _torch_and_openvino(model, xml, paths, case.image_size)
@@ -215,11 +220,18 @@ def test_int8_export_keeps_scores_ranking_and_maps(seeded_run, int8_root: Path, 
         f"{case.name}: INT8 moves scores by {relative.round(3).tolist()} of their value, Spearman {correlation:.3f} "
         f"(torch {torch_scores.round(4).tolist()}, INT8 {openvino_scores.round(4).tolist()})"
     )
+    # recentred on the calibration images, normal images scatter around their torch scores (measured without it on
+    # these images: medians 0.26 spreads for fused, 1-1.4 % for the others; on bottle Fused's rose past its threshold)
+    shift = openvino_scores - torch_scores
     if case.name in INT8_SCORE_SPREADS:
-        moved = np.abs(openvino_scores - torch_scores)[normal].max()
+        moved = np.abs(shift)[normal].max()
         assert moved <= INT8_SCORE_SPREADS[case.name], f"normal scores move by {moved:.3f} spreads: {summary}"
+        assert abs(np.median(shift[normal])) <= INT8_SCORE_SPREADS[case.name] / 2, f"not recentred: {summary}"
     else:
-        assert relative[normal].max() <= INT8_SCORE_TOLERANCE_PER_MODEL.get(case.name, INT8_SCORE_TOLERANCE), summary
+        tolerance = INT8_SCORE_TOLERANCE_PER_MODEL.get(case.name, INT8_SCORE_TOLERANCE)
+        assert relative[normal].max() <= tolerance, summary
+        signed = shift[normal] / np.abs(torch_scores[normal]).clip(1e-12)
+        assert abs(np.median(signed)) <= tolerance / 2, f"not recentred: {summary}"
     assert correlation >= INT8_MIN_RANK_CORRELATION, summary
     assert (openvino_scores[above] > openvino_scores[normal].max()).all(), f"a normal passes a defect: {summary}"
     if reference.anomaly_map is None:

@@ -44,6 +44,7 @@ COLUMNS = (
     "backbone_int8_img_per_s",
     "backbone_int8_speedup",
     "openvino_image_auroc",
+    "openvino_image_f1",
     "openvino_pixel_auroc",
     "backbone_layer",
     "peak_rss_mb",
@@ -113,8 +114,10 @@ EXPORT_COLUMNS = (
     ("openvino_fraction_of_backbone", "fraction of trunk", 2),
     ("backbone_int8_speedup", "trunk INT8 x fp32", 2),
     ("openvino_image_auroc", "OpenVINO image AUROC", 3),
+    ("openvino_image_f1", "OpenVINO image F1 (its threshold)", 3),
     ("openvino_pixel_auroc", "OpenVINO pixel AUROC", 3),
     ("image_auroc", "torch image AUROC", 3),
+    ("image_f1", "torch image F1", 3),
     ("openvino_load_average_1min", "load (1 min)", 1),
 )
 

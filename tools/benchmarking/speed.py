@@ -261,16 +261,21 @@ def time_interleaved(
 
 
 def openvino_accuracy(runner: OpenVinoRunner, datamodule: Any) -> dict[str, Any]:  # noqa: ANN401
-    """Image and pixel AUROC of the exported model itself (the runner's compiled IR) on every test image."""
+    """Image and pixel AUROC of the exported model itself (the runner's compiled IR) on every test image, and the F1
+    of its own labels: the threshold inside the graph, as a deployment applies it (an INT8 graph whose normal
+    scores moved past it flags them, whatever its AUROC)."""
     import numpy as np
     import torch
     from anomalib.metrics import AUROC
+    from torchmetrics.functional.classification import binary_f1_score
 
-    scores, labels, maps, masks = [], [], [], []
+    scores, labels, predicted, maps, masks = [], [], [], [], []
     for data in datamodule.test_dataloader():
         for index, array in enumerate(runner.arrays(data.image)):
             outputs = runner.outputs(array)
             scores.append(float(np.ravel(outputs["pred_score"])[0]))
+            if "pred_label" in outputs:
+                predicted.append(int(bool(np.ravel(outputs["pred_label"])[0])))
             labels.append(int(data.gt_label[index]))
             if "anomaly_map" in outputs and data.gt_mask is not None:
                 anomaly_map = squeeze_map(torch.from_numpy(np.array(outputs["anomaly_map"][:1])), None)
@@ -279,6 +284,9 @@ def openvino_accuracy(runner: OpenVinoRunner, datamodule: Any) -> dict[str, Any]
     image_auroc = AUROC(fields=["pred_score", "gt_label"])
     image_auroc.update(SimpleNamespace(pred_score=torch.tensor(scores), gt_label=torch.tensor(labels)))
     result: dict[str, Any] = {"openvino_image_auroc": float(image_auroc.compute()), "openvino_pixel_auroc": None}
+    result["openvino_image_f1"] = (
+        float(binary_f1_score(torch.tensor(predicted), torch.tensor(labels))) if len(predicted) == len(labels) else None
+    )
     if maps and any(bool(mask.any()) for mask in masks):
         pixel_auroc = AUROC(fields=["anomaly_map", "gt_mask"])
         pixel_auroc.update(SimpleNamespace(anomaly_map=torch.cat(maps), gt_mask=torch.cat(masks)))

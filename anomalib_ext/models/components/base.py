@@ -60,7 +60,7 @@ from anomalib_ext.version import __version__, release_of
 from anomalib_ext.workspace import discard_empty_run
 
 from .distributed import fresh_storage_for_resized_buffers
-from .quantization import name_nodes_by_module, quantize_modules
+from .quantization import ScoreScale, name_nodes_by_module, quantize_modules, recentre_on_normal_scores
 from .thresholds import RobustThresholdPostProcessor
 
 EXPORT_OPSET = 18
@@ -175,14 +175,19 @@ class IncompatibleCheckpointError(ValueError):
     """A checkpoint written by a release whose models this release cannot read."""
 
 
-def check_checkpoint_release(checkpoint: dict[str, Any], path: str | Path | None = None) -> None:
+def check_checkpoint_release(
+    checkpoint: dict[str, Any],
+    path: str | Path | None = None,
+    oldest_readable: tuple[int, int] = OLDEST_READABLE_RELEASE,
+) -> None:
     """Raise :class:`IncompatibleCheckpointError` (one line naming the release that reads it) unless ``checkpoint``
-    was written by ``OLDEST_READABLE_RELEASE`` or later. ``path`` only names the file in the message."""
+    was written by ``oldest_readable`` (a model's ``oldest_readable_release``) or later. ``path`` only names the file
+    in the message."""
     written_by = checkpoint.get(CHECKPOINT_VERSION_KEY)
     release = release_of(str(written_by)) if written_by is not None else None
-    if release is not None and release >= OLDEST_READABLE_RELEASE:
+    if release is not None and release >= oldest_readable:
         return
-    oldest = ".".join(str(part) for part in OLDEST_READABLE_RELEASE)
+    oldest = ".".join(str(part) for part in oldest_readable)
     older = f"{OLDEST_READABLE_RELEASE[0]}.{OLDEST_READABLE_RELEASE[1] - 1}"
     what = f"{Path(path).name} was" if path else "this checkpoint was"
     if written_by is None:
@@ -211,6 +216,8 @@ class ExtModelMixin:
     resize_interpolation: ClassVar[InterpolationMode] = InterpolationMode.BILINEAR
     # module paths (from the Lightning module, e.g. "model.feature_extractor") that INT8_PTQ quantises
     int8_modules: ClassVar[tuple[str, ...]] = ()
+    # the oldest release whose checkpoints of this model load (a model whose buffers changed meaning raises it)
+    oldest_readable_release: ClassVar[tuple[int, int]] = OLDEST_READABLE_RELEASE
 
     def __init__(
         self,
@@ -275,7 +282,7 @@ class ExtModelMixin:
             if isinstance(error, IncompatibleCheckpointError) or not isinstance(checkpoint_path, str | Path):
                 raise
             checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-            check_checkpoint_release(checkpoint, checkpoint_path)
+            check_checkpoint_release(checkpoint, checkpoint_path, cls.oldest_readable_release)
             raise
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -283,7 +290,8 @@ class ExtModelMixin:
 
         Models that override this hook call ``super().on_load_checkpoint(checkpoint)`` first.
         """
-        check_checkpoint_release(checkpoint, getattr(getattr(self, "_trainer", None), "ckpt_path", None))
+        path = getattr(getattr(self, "_trainer", None), "ckpt_path", None)
+        check_checkpoint_release(checkpoint, path, self.oldest_readable_release)
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
     def configure_post_processor(self) -> RobustThresholdPostProcessor:
@@ -342,5 +350,21 @@ class ExtModelMixin:
         return self.int8_modules
 
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:  # noqa: ANN401
-        """anomalib's ``INT8_PTQ`` step, restricted to ``quantized_modules()`` (anomalib calls it on the instance)."""
-        return quantize_modules(model, datamodule, self.quantized_modules())
+        """anomalib's ``INT8_PTQ`` step, restricted to ``quantized_modules()`` (anomalib calls it on the instance),
+        then the INT8 graph's image scores recentred on the float graph's for normal images, so the threshold learnt
+        in float holds (``quantization.recentre_on_normal_scores``)."""
+        quantized = quantize_modules(model, datamodule, self.quantized_modules())
+        scale = self._exported_score_scale()
+        if quantized is not model and scale is not None:
+            recentre_on_normal_scores(model, quantized, datamodule, scale)
+        return quantized
+
+    def _exported_score_scale(self) -> ScoreScale | None:
+        """How the exported ``pred_score`` maps to the raw score: ``raw`` (normalisation off), ``softsign`` (ours),
+        ``None`` when the post-processor is another one (its clamp cannot be undone: no recentring)."""
+        post_processor = getattr(self, "post_processor", None)
+        if not isinstance(post_processor, nn.Module):
+            return None
+        if not getattr(post_processor, "enable_normalization", True):
+            return "raw"
+        return "softsign" if isinstance(post_processor, RobustThresholdPostProcessor) else None

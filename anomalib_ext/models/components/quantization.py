@@ -31,7 +31,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from anomalib_ext.quiet import NNCF_LOGGER, quiet_loggers
 
@@ -195,3 +195,89 @@ def quantize_calibrated(model: Any, datamodule: Any, ignored_scope: Any = None) 
             ignored_scope=ignored_scope,
             fast_bias_correction=False,
         )
+
+
+# how the exported graph's pred_score relates to the raw score the threshold applies to
+ScoreScale = Literal["raw", "softsign"]
+MAX_RECENTRING_IMAGES = 300  # normal calibration images scored by both graphs to measure INT8's shift
+RECENTRING_NODE = "int8_recentring/pred_score"  # the operation that makes the recentred score
+
+
+def _softsign_inverse(scores: Any) -> Any:  # noqa: ANN401
+    """``t`` from ``0.5 + 0.5 t / (1 + |t|)`` (``RobustThresholdPostProcessor``'s normalisation): raw units again."""
+    import numpy as np
+
+    centred = np.clip(2.0 * np.asarray(scores, dtype=np.float64) - 1.0, -1.0 + 1e-7, 1.0 - 1e-7)
+    return centred / (1.0 - np.abs(centred))
+
+
+def normal_score_shift(float_model: Any, quantized: Any, datamodule: Any, scale: ScoreScale) -> float | None:  # noqa: ANN401
+    """Median over the calibration split's normal images of the INT8 graph's image score minus the float graph's,
+    in the units the threshold applies to (``None``: no normal image to measure it on)."""
+    import numpy as np
+    import openvino
+
+    core = openvino.Core()
+    compiled = [
+        core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for graph in (float_model, quantized)
+    ]
+    transform = calibration_transform(quantized)
+    shifts: list[float] = []
+    for batch in calibration_loader(quantized, datamodule):
+        normal = np.asarray(batch["gt_label"]).reshape(-1) == 0
+        if not normal.any():
+            continue
+        images = np.asarray(transform(batch))
+        reference, rounded = (
+            np.asarray(graph(images)["pred_score"], dtype=np.float64).reshape(-1) for graph in compiled
+        )
+        if scale == "softsign":
+            reference, rounded = _softsign_inverse(reference), _softsign_inverse(rounded)
+        shifts.extend((rounded - reference)[normal].tolist())
+        if len(shifts) >= MAX_RECENTRING_IMAGES:
+            break
+    return float(np.median(shifts)) if shifts else None
+
+
+def shift_image_scores(graph: Any, shift: float, scale: ScoreScale) -> None:  # noqa: ANN401
+    """Take ``shift`` (raw units) off the graph's ``pred_score`` where it is made, so every reader of it (the
+    output, the label's comparison with the threshold) sees the corrected score."""
+    import numpy as np
+    from openvino import opset13 as ops
+
+    result = next(output.get_node() for output in graph.outputs if "pred_score" in output.get_names())
+    source = result.input(0).get_source_output()
+    readers = list(source.get_target_inputs())
+    dtype = source.get_element_type().to_dtype()
+
+    def constant(value: float) -> Any:  # noqa: ANN401
+        return ops.constant(np.array(value, dtype=dtype))
+
+    if scale == "raw":
+        corrected = ops.subtract(source, constant(shift))
+    else:  # undo the softsign, shift, squash again: strictly increasing, still in (0, 1)
+        centred = ops.clamp(ops.subtract(ops.multiply(source, constant(2.0)), constant(1.0)), -1.0 + 1e-7, 1.0 - 1e-7)
+        raw = ops.divide(centred, ops.subtract(constant(1.0), ops.abs(centred)))
+        moved = ops.subtract(raw, constant(shift))
+        squashed = ops.divide(moved, ops.add(constant(1.0), ops.abs(moved)))
+        corrected = ops.add(constant(0.5), ops.multiply(constant(0.5), squashed))
+    corrected.set_friendly_name(RECENTRING_NODE)
+    names = source.get_tensor().get_names()
+    source.get_tensor().set_names(set())
+    corrected.output(0).get_tensor().set_names(names)
+    for reader in readers:
+        reader.replace_source_output(corrected.output(0))
+    graph.validate_nodes_and_infer_types()
+
+
+def recentre_on_normal_scores(float_model: Any, quantized: Any, datamodule: Any, scale: ScoreScale) -> float | None:  # noqa: ANN401
+    """Measure INT8's shift of normal image scores and take it off the INT8 graph; returns the shift (raw units)."""
+    shift = normal_score_shift(float_model, quantized, datamodule, scale)
+    if shift is None:
+        logger.warning(
+            "INT8: no normal calibration image to measure the score shift on; the scores are left as they are"
+        )
+        return None
+    shift_image_scores(quantized, shift, scale)
+    logger.info("INT8: normal image scores moved by %+.4g (median, raw units); taken off the INT8 graph", shift)
+    return shift

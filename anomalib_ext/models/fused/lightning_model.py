@@ -25,7 +25,6 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from anomalib_ext.models.components import (
     DEFAULT_BACKBONE,
     DEFAULT_LAYERS,
-    DEFAULT_POOLED_LAYERS,
     ExtModelMixin,
     FitOnlyHooks,
     ImageSize,
@@ -41,6 +40,9 @@ from .torch_model import FusedModel, Fusion
 
 logger = logging.getLogger(__name__)
 
+# the global half reads the tile half's trunk (it ends at blocks.4): one pass costs no more than TileOutlier's
+DENSITY_LAYERS = ("blocks.2", "blocks.4")
+
 # tile embeddings kept while fitting (a uniform reservoir over images), as TileOutlier's ``max_fit_tiles``
 MAX_FIT_TILES = 400_000
 
@@ -52,7 +54,8 @@ class Fused(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
         image_size: input size after the default pre-processor; fixes the tile grid (and the export size).
         backbone: the offline timm backbone, run once per image for both halves.
         tile_layers: layers whose feature maps are averaged over each tile (the tile-outlier half).
-        density_layers: layers whose globally pooled activations make the density's feature vector.
+        density_layers: layers whose activations' mean and spread over the image make the density's feature vector
+            (a layer deeper than ``tile_layers``' deepest lengthens the backbone pass).
         tile_size, stride: square tiles of ``tile_size`` pixels every ``stride`` pixels (at the pre-processed size).
         max_bank_tiles: cap on the tile bank (a k-center coreset per grid position, as TileOutlier's
             ``memory_bank.max_tiles``).
@@ -73,13 +76,15 @@ class Fused(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
     # INT8_PTQ quantises the backbone and the tile search's similarity product with the bank (as TileOutlier's);
     # pooling, the max over the bank, the density and the fusion stay in float
     int8_modules: ClassVar[tuple[str, ...]] = ("model.feature_extractor", "model.tiles.bank_similarity")
+    # 0.11.0 changed what the density's buffers describe (means and spreads of blocks.2/4, not means of blocks.2/4/6)
+    oldest_readable_release: ClassVar[tuple[int, int]] = (0, 11)
 
     def __init__(
         self,
         image_size: ImageSize = 256,
         backbone: str = DEFAULT_BACKBONE,
         tile_layers: Sequence[str] = DEFAULT_LAYERS,
-        density_layers: Sequence[str] = DEFAULT_POOLED_LAYERS,
+        density_layers: Sequence[str] = DENSITY_LAYERS,
         tile_size: int = 32,
         stride: int = 8,
         max_bank_tiles: int = 13_456,

@@ -54,6 +54,23 @@ def cross_fitted_scores(
     return scores
 
 
+def pooled_mean_and_spread(feature_map: torch.Tensor, window: int) -> torch.Tensor:
+    """``(B, 2C)``: each channel's mean over the image and the spread of its means over ``window`` x ``window``
+    patches (one tile's footprint on that layer).
+
+    The spread is what the mean misses on a texture: how strongly a channel varies across the surface, which a
+    blowhole or a crack changes while leaving the mean nearly where it was. On magnetic tile it lets a density on
+    TileOutlier's trunk (to ``blocks.4``) rank better than means of a trunk two stages deeper
+    (docs/choosing_a_model.md). Averaging over a tile first measures the variation at the scale the tile half
+    compares, and leaves out that of single activations (pixel noise, an INT8 trunk's rounding), which a mean
+    cancels but a spread would add up.
+    """
+    mean = feature_map.mean((2, 3))
+    local = F.avg_pool2d(feature_map, window, stride=1) if window > 1 else feature_map
+    spread = (local - local.mean((2, 3), keepdim=True)).square().mean((2, 3)).sqrt()
+    return torch.cat([mean, spread], dim=1)
+
+
 def new_density() -> FeatureDensity:
     """Dfkdm's default density: standardised features, PCA keeping 97 % of the variance, probabilistic-PCA
     likelihood (a Gaussian inside the kept components, an isotropic Gaussian on the residual outside them)."""
@@ -117,6 +134,11 @@ class FusedModel(nn.Module):
         self.normalize = InputNormalizer.for_backbone(backbone, input_normalization)
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained=True)
         dims = dryrun_find_featuremap_dims(self.image_tiling.wrap(self.feature_extractor), self.image_size, layers)
+        # each density layer's tile footprint, in its cells (a stride-16 layer: 2 x 2 cells for 32 px tiles)
+        width = self.image_size[1]
+        self.spread_windows = [
+            max(1, round(tile_size * dims[layer]["resolution"][1] / width)) for layer in self.density_layers
+        ]
         self.tiles = TileOutlierScorer(
             grid=build_tile_grid(self.image_size, None, tile_size, stride),
             layer_resolutions={layer: tuple(dims[layer]["resolution"]) for layer in self.tile_layers},
@@ -131,10 +153,14 @@ class FusedModel(nn.Module):
         self.density_standardizer = ScoreStandardizer()
 
     def extract(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One backbone pass: ``(B, rows, cols, D)`` tile embeddings and ``(B, C)`` pooled global features."""
+        """One backbone pass: ``(B, rows, cols, D)`` tile embeddings and ``(B, C)`` global features (the mean and
+        spread of every density layer)."""
         self.feature_extractor.eval()  # frozen: BatchNorm statistics must not move during "training"
         features = self.image_tiling.run(self.feature_extractor, self.normalize(images))
-        pooled = [F.adaptive_avg_pool2d(features[layer], 1).flatten(1) for layer in self.density_layers]
+        pooled = [
+            pooled_mean_and_spread(features[layer], window)
+            for layer, window in zip(self.density_layers, self.spread_windows, strict=True)
+        ]
         return self.tiles.pool_tiles(features), torch.cat(pooled, dim=1)
 
     def fuse(self, tile_score: torch.Tensor, density_score: torch.Tensor) -> torch.Tensor:
