@@ -201,13 +201,16 @@ def quantize_calibrated(model: Any, datamodule: Any, ignored_scope: Any = None) 
 ScoreScale = Literal["raw", "softsign"]
 MAX_RECENTRING_IMAGES = 300  # normal calibration images scored by both graphs to measure INT8's shift
 RECENTRING_NODE = "int8_recentring/pred_score"  # the operation that makes the recentred score
+# how close to 0 or 1 a normalised score may come before undoing the softsign (which is infinite there): the same
+# bound for measuring the shift and for taking it off in the graph, so the two undo it alike
+_SOFTSIGN_EDGE = 1e-7
 
 
 def _softsign_inverse(scores: Any) -> Any:  # noqa: ANN401
     """``t`` from ``0.5 + 0.5 t / (1 + |t|)`` (``RobustThresholdPostProcessor``'s normalisation): raw units again."""
     import numpy as np
 
-    centred = np.clip(2.0 * np.asarray(scores, dtype=np.float64) - 1.0, -1.0 + 1e-7, 1.0 - 1e-7)
+    centred = np.clip(2.0 * np.asarray(scores, dtype=np.float64) - 1.0, _SOFTSIGN_EDGE - 1.0, 1.0 - _SOFTSIGN_EDGE)
     return centred / (1.0 - np.abs(centred))
 
 
@@ -256,7 +259,9 @@ def shift_image_scores(graph: Any, shift: float, scale: ScoreScale) -> None:  # 
     if scale == "raw":
         corrected = ops.subtract(source, constant(shift))
     else:  # undo the softsign, shift, squash again: strictly increasing, still in (0, 1)
-        centred = ops.clamp(ops.subtract(ops.multiply(source, constant(2.0)), constant(1.0)), -1.0 + 1e-7, 1.0 - 1e-7)
+        centred = ops.clamp(
+            ops.subtract(ops.multiply(source, constant(2.0)), constant(1.0)), _SOFTSIGN_EDGE - 1.0, 1.0 - _SOFTSIGN_EDGE
+        )
         raw = ops.divide(centred, ops.subtract(constant(1.0), ops.abs(centred)))
         moved = ops.subtract(raw, constant(shift))
         squashed = ops.divide(moved, ops.add(constant(1.0), ops.abs(moved)))
