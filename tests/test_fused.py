@@ -108,3 +108,30 @@ def test_too_few_images_to_calibrate_is_one_clear_error() -> None:
 def test_unknown_fusion_is_refused() -> None:
     with pytest.raises(ValueError, match="fusion must be one of"):
         Fused(image_size=IMAGE_SIZE, fusion="sum")  # type: ignore[arg-type]
+
+
+def test_extend_bank_adds_new_normals_to_the_tile_half_and_scores_each_against_the_others_only() -> None:
+    """``anomalib-ext recalibrate --extend-bank`` on Fused: the new condition's images join the tile bank; the scores
+    it returns for the thresholds are leave-one-out ones (image i against the bank extended by the others), and the
+    density half stays as fitted."""
+    generator = torch.Generator().manual_seed(3)
+    fused = Fused(image_size=IMAGE_SIZE, tile_size=16, stride=16, max_bank_tiles=64)
+    model = fused.model.eval()
+    part = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    normals = (part + 0.05 * torch.rand(12, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)).clamp(0, 1)
+    with torch.no_grad():
+        model.fit(*model.extract(normals))
+    shaded = normals[:6] * torch.linspace(1.0, 0.3, IMAGE_SIZE)  # a light falling off across the part
+    fitted_bank = model.tiles.memory_bank.clone()
+    density = {name: value.clone() for name, value in model.density.state_dict().items()}
+
+    held_out = fused.extend_bank(shaded)
+
+    assert model.tiles.memory_bank.shape[2] == fitted_bank.shape[2] + 6
+    assert all(torch.equal(value, model.density.state_dict()[name]) for name, value in density.items())
+    with torch.no_grad():
+        in_bank = model(shaded).pred_score
+        assert bool((held_out.pred_score > in_bank).all()), (held_out.pred_score, in_bank)
+        model.tiles.memory_bank = fitted_bank
+        model.tiles.extend(model.extract(shaded[1:])[0])
+        assert torch.allclose(model(shaded[:1]).pred_score, held_out.pred_score[:1])

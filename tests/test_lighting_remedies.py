@@ -173,6 +173,23 @@ def test_light_changes_study_tests_one_fitted_model_under_every_change(mvtec_roo
     assert "| d | dfkdm | recalibration:upper | 1 |" in report
 
 
+def test_light_changes_report_reads_the_bank_arms_from_their_own_scores() -> None:
+    """A bank model's ``+bank`` figures come from a second test pass (the bank took the normals): the report shows
+    them in both tables, apart from the plain recalibration whose AUROC is the model arm's."""
+    figures = {
+        "plain": {"image_f1": 0.5, "image_auroc": 0.6},
+        "recalibrated": {"image_f1": 0.7, "image_auroc": 0.6},
+        "bank": {"image_f1": 0.9, "image_auroc": 0.95},
+    }
+    row = {"status": "ok", "dataset": "d", "model": "tile_outlier@none", "n_test": 10, "n_test_anomalous": 5}
+    report = "\n".join(light_changes.report([{**row, "light_changes": dict.fromkeys(light_changes.CHANGES, figures)}]))
+    changes = len(light_changes.CHANGES)
+    assert "| d | tile_outlier | recalibration | 1 | " + " | ".join(["0.700"] * changes) in report
+    assert "| d | tile_outlier | recalibration+bank | 1 | " + " | ".join(["0.900"] * changes) in report
+    assert "| d | tile_outlier | recalibration+bank | 1 | " + " | ".join(["0.950"] * changes) + " |" in report
+    assert "per_image+recalibration+bank" not in report  # arms without figures are left out
+
+
 def test_lighting_study_recalibrates_on_dark_pool_normals_and_takes_per_image(dice_root: Path, tmp_path: Path) -> None:
     from anomalib.data.utils import LabelName
 

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from anomalib.models import AnomalibModule
 
 from anomalib_ext.cli import main as cli_main
+from anomalib_ext.commands.score import ScoreError
 from tests.harness.runner import fit_small_tile_outlier
 
 IMAGE_SIZE = 64
@@ -89,6 +91,23 @@ def recalibrated(trained: Path, new_light: Path) -> tuple[Path, subprocess.Compl
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)  # noqa: S603
     assert result.returncode == 0, result.stderr[-3000:]
     return output, result
+
+
+def edge_labels(model: AnomalibModule, images: Path, workdir: Path) -> dict[str, int]:
+    """``model`` exported to OpenVINO and run by ``tools/infer_openvino.py`` on ``images``: labels by file name."""
+    xml = model.eval().to_openvino(export_root=workdir / "export", input_size=(IMAGE_SIZE, IMAGE_SIZE))
+    edge = workdir / "edge"
+    command = [sys.executable, str(INFER_TOOL), "--model", str(xml), "--input", str(images)]
+    result = subprocess.run(  # noqa: S603
+        [*command, "--output", str(edge), "--mode", "sync", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with (edge / "predictions.csv").open(newline="") as handle:
+        return {Path(row["image"]).name: int(row["label"]) for row in csv.DictReader(handle)}
 
 
 def split(labels: dict[str, int]) -> tuple[list[int], list[int]]:
@@ -167,21 +186,7 @@ def test_openvino_export_of_the_recalibrated_checkpoint_gives_the_same_labels(
     from anomalib_ext.models import TileOutlier
 
     output, _ = recalibrated
-    model = TileOutlier.load_from_checkpoint(output, visualizer=False).eval()
-    xml = model.to_openvino(export_root=tmp_path / "export", input_size=(IMAGE_SIZE, IMAGE_SIZE))
-    edge = tmp_path / "edge"
-    command = [sys.executable, str(INFER_TOOL), "--model", str(xml), "--input", str(new_light / "test")]
-    result = subprocess.run(  # noqa: S603
-        [*command, "--output", str(edge), "--mode", "sync", "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    with (edge / "predictions.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    by_edge = {Path(row["image"]).name: int(row["label"]) for row in rows}
+    by_edge = edge_labels(TileOutlier.load_from_checkpoint(output, visualizer=False), new_light / "test", tmp_path)
     normal = [label for name, label in by_edge.items() if not name.startswith(("colour", "missing", "scratch", "spot"))]
     defect = [label for name, label in by_edge.items() if name.startswith(("colour", "missing", "scratch", "spot"))]
     assert len(normal) == 8 and len(defect) == 8, by_edge
@@ -225,6 +230,87 @@ def test_bad_input_is_a_one_line_error(
     status, _, err = run_cli(capsys, "recalibrate", *cases["needs at least 5"], "--device", "cpu")
     assert "3 readable" in err and "broken.png" in err, err
     assert exists.read_bytes() == b"x"
+
+
+SHADOW = 0.4  # the light left on the shaded half
+
+
+def shadow_over_half(source: Path, target: Path) -> None:
+    """The image with a hard shadow over its right half (a lamp to one side, something in its way)."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(source).convert("RGB"), dtype=np.float32) / 255
+    light = np.where(np.arange(image.shape[1]) < image.shape[1] // 2, 1.0, SHADOW).astype(np.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.clip(image * light[None, :, None], 0, 1) * 255).round().astype(np.uint8)).save(target)
+
+
+@pytest.mark.usefixtures("keep_torch_threads")
+def test_extend_bank_makes_a_shadow_over_half_the_part_rank_again_and_thresholds_from_held_out_scores(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A change across the image (a shadow's edge) puts normal tiles where the bank has none like them: normals
+    then outrank defects, which no threshold can fix. With ``--extend-bank`` the ten new normals join the bank,
+    the ranking comes back, and the thresholds come from their leave-one-out scores (against a bank holding
+    themselves they would score 0)."""
+    from anomalib_ext.commands.recalibrate import recalibrate, recalibrate_checkpoint, score_normals
+    from anomalib_ext.models import Reconstruction, TileOutlier
+
+    category = trained.parent / "synthetic" / "test"
+    shadow = tmp_path / "shadow"
+    good = sorted((category / "good").glob("*.png"))
+    for path in good[:10]:
+        shadow_over_half(path, shadow / "normals" / path.name)
+    for path in good[10:]:
+        shadow_over_half(path, shadow / "test" / "good" / path.name)
+    for path in sorted(category.glob("*/*.png")):
+        if path.parent.name != "good":
+            shadow_over_half(path, shadow / "test" / "defect" / f"{path.parent.name}_{path.name}")
+    normal_paths = sorted((shadow / "test" / "good").glob("*.png"))
+    defect_paths = sorted((shadow / "test" / "defect").glob("*.png"))
+
+    def raw(model: TileOutlier, paths: list[Path]) -> np.ndarray:
+        return np.array(score_normals(model, paths).scores)
+
+    fitted = TileOutlier.load_from_checkpoint(trained, visualizer=False)
+    assert raw(fitted, normal_paths).max() > raw(fitted, defect_paths).min(), "the shadow must break the ranking first"
+
+    output = tmp_path / "extended.ckpt"
+    _, recalibration = recalibrate_checkpoint(trained, shadow / "normals", output, extend_bank=True)
+    assert recalibration.bank_images == 10 and "memory bank: the 10 new normals added" in "\n".join(
+        recalibration.summary()
+    )
+
+    extended = TileOutlier.load_from_checkpoint(output, visualizer=False)
+    normal_scores, defect_scores = raw(extended, normal_paths), raw(extended, defect_paths)
+    assert normal_scores.max() < defect_scores.min(), (normal_scores, defect_scores)
+    # the thresholds rest on held-out scores: the same normals scored against the bank that holds them are 0
+    in_bank = raw(extended, sorted((shadow / "normals").glob("*.png")))
+    assert in_bank.max() < 1e-4 < min(recalibration.normals.scores), (in_bank, recalibration.normals.scores)
+    by_score = labels_by_score(capsys, output, shadow / "test", tmp_path / "labels")
+    normal, defect = split(by_score)
+    assert sum(normal) <= 1 and sum(defect) == len(defect), (normal, defect)
+
+    # the extended bank goes into the OpenVINO graph: the edge labels what the checkpoint labels
+    by_edge = edge_labels(extended, shadow / "test", tmp_path)
+    assert by_edge == {Path(path).name: label for path, label in by_score.items()}
+
+    # what the checkpoint changed: the post-processor's buffers and the bank, ten more tiles at each grid position
+    old = torch.load(trained, map_location="cpu", weights_only=False)["state_dict"]
+    new = torch.load(output, map_location="cpu", weights_only=False)
+    changed = {
+        key
+        for key in old
+        if old[key].shape != new["state_dict"][key].shape or not torch.equal(old[key], new["state_dict"][key])
+    }
+    assert changed - {"model.memory_bank"} and all(
+        key.startswith("post_processor.") for key in changed - {"model.memory_bank"}
+    ), changed
+    assert new["state_dict"]["model.memory_bank"].shape[2] == old["model.memory_bank"].shape[2] + 10
+    assert new["anomalib_ext_recalibration"]["bank_images"] == 10
+
+    with pytest.raises(ScoreError, match="no memory bank to extend"):
+        recalibrate(Reconstruction(image_size=64, visualizer=False), shadow / "normals", extend_bank=True)
 
 
 @pytest.mark.parametrize("rule", ["anchored", "upper"])

@@ -9,9 +9,10 @@ that exports to OpenVINO.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+from anomalib.data import InferenceBatch
 from anomalib.models.components import DynamicBufferMixin
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
@@ -235,6 +236,27 @@ class TileOutlierScorer(DynamicBufferMixin, nn.Module):
             flat = embeddings.reshape(-1, dim)
             self.memory_bank = flat[greedy_coreset_indices(flat, self.max_bank_size)].contiguous()
 
+    @torch.no_grad()
+    def extend(self, embeddings: torch.Tensor) -> None:
+        """Add ``(N, rows, cols, D)`` tile embeddings to the fitted bank as they are, every tile kept (no coreset:
+        a few images of a new condition are each worth keeping, and the bank's older tiles stay as chosen)."""
+        if self.memory_bank.numel() == 0:
+            msg = "the tile bank is empty: fit it before extending it"
+            raise RuntimeError(msg)
+        if embeddings.ndim != 4 or tuple(embeddings.shape[1:3]) != self.grid.shape:
+            rows, cols = self.grid.shape
+            msg = f"expected (N, {rows}, {cols}, D) tile embeddings, got {tuple(embeddings.shape)}"
+            raise ValueError(msg)
+        embeddings = embeddings.to(self.memory_bank)
+        if not self.position_aware:
+            self.memory_bank = torch.cat([self.memory_bank, embeddings.reshape(-1, embeddings.shape[-1])]).contiguous()
+            return
+        pad = self.neighborhood
+        rows, cols = self.grid.shape
+        inner = self.memory_bank[pad : pad + rows, pad : pad + cols]
+        extended = torch.cat([inner, embeddings.permute(1, 2, 0, 3)], dim=2)
+        self.memory_bank = F.pad(extended, (0, 0, 0, 0, pad, pad, pad, pad)).contiguous()
+
     @property
     def bank_tiles(self) -> int:
         """Number of real (non-padding) tiles in the bank."""
@@ -243,3 +265,32 @@ class TileOutlierScorer(DynamicBufferMixin, nn.Module):
         if self.position_aware:
             return self.grid.num_tiles * self.memory_bank.shape[2]
         return self.memory_bank.shape[0]
+
+
+@torch.no_grad()
+def extend_bank_held_out(
+    scorer: TileOutlierScorer,
+    embeddings: torch.Tensor,
+    images: torch.Tensor,
+    model: Callable[[torch.Tensor], InferenceBatch],
+) -> InferenceBatch:
+    """Extend ``scorer``'s bank by the ``(N, rows, cols, D)`` tile ``embeddings`` of ``images`` (normal images of a
+    new condition) and return the images' leave-one-out outputs: each scored by ``model`` (the torch model that
+    holds ``scorer``) against the bank extended by the others only.
+
+    Those are the scores to set thresholds on: an unseen image of the condition scores like them, while against a
+    bank that holds its own tiles an image matches itself exactly and scores 0."""
+    fitted = scorer.memory_bank
+    held_out = []
+    for index in range(len(images)):
+        scorer.memory_bank = fitted
+        others = torch.cat([embeddings[:index], embeddings[index + 1 :]])
+        if len(others):
+            scorer.extend(others)
+        held_out.append(model(images[index : index + 1]))
+    scorer.memory_bank = fitted
+    scorer.extend(embeddings)
+    return InferenceBatch(
+        pred_score=torch.cat([output.pred_score.flatten() for output in held_out]),
+        anomaly_map=torch.cat([output.anomaly_map for output in held_out]),
+    )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-from anomalib.data import Batch
+from anomalib.data import Batch, InferenceBatch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.post_processing import PostProcessor
@@ -35,6 +35,7 @@ from anomalib_ext.models.components import (
     with_image_paths,
 )
 from anomalib_ext.models.components.sampling import ReservoirSampler
+from anomalib_ext.models.components.tile_scoring import extend_bank_held_out
 
 from .torch_model import FusedModel, Fusion
 
@@ -152,3 +153,15 @@ class Fused(FitOnlyHooks, ExtModelMixin, MemoryBankMixin, AnomalibModule):
         )
         self.model.fit(tile_embeddings, features.to(self.device))
         self._reset_collected()
+
+    def extend_bank(self, images: torch.Tensor) -> InferenceBatch:
+        """Add pre-processed normal ``images`` of a new condition (a light, a shadow) to the tile half's bank, no
+        gradient step; returns their leave-one-out outputs for the thresholds (``extend_bank_held_out``).
+        ``anomalib-ext recalibrate --extend-bank`` calls it. The density half and the two standardisers stay as
+        fitted: a moment-based density keeps no training features to refit on, and ten images would not move it."""
+        model = self.model.eval()
+        with torch.no_grad():
+            tile_embeddings, _ = model.extract(images)
+        held_out = extend_bank_held_out(model.tiles, tile_embeddings, images, model)
+        logger.info("Fused: the tile bank holds %d tiles (%d new images added)", model.tiles.bank_tiles, len(images))
+        return held_out

@@ -24,9 +24,11 @@ thresholds and normalisation from normal images, no gradient step) on ``RECALIBR
 changed condition: validation normals (held out from training, never a test image), drawn with the cell's seed,
 put through the same change and written as PNG (a validation split with fewer normals gives all of them; one with
 fewer than recalibration's minimum leaves the recalibrated figures out); the model's post-processor is restored
-afterwards. Reported arms:
-``none``, ``per_image``, ``flat_field``, ``recalibration`` (the ``none`` model recalibrated), and
-``per_image+recalibration``, ``flat_field+recalibration``.
+afterwards. A model with a memory bank (TileOutlier, Fused's tile half) is also recalibrated with ``extend_bank``
+(the normals join its bank, ``anomalib-ext recalibrate --extend-bank``) and tested once more, the bank restored
+afterwards. Reported
+arms: ``none``, ``per_image``, ``flat_field``, ``recalibration`` (the ``none`` model recalibrated),
+``per_image+recalibration``, ``flat_field+recalibration``, and each ``...+recalibration+bank``.
 
 Report: per dataset, model, arm and change, image AUROC (raw scores) and image F1 (mean over seeds) and the F1
 drop from the same arm's unchanged-light F1; then, per model, the worst drop of each arm over the changes.
@@ -58,6 +60,8 @@ REPORT_ARMS = (
     "per_image+recalibration",
     "flat_field+recalibration",
 )
+# the recalibrated arms whose normals also joined the model's memory bank (``extend_bank``): their scores moved too
+BANK_ARMS = ("recalibration+bank", "per_image+recalibration+bank", "flat_field+recalibration+bank")
 # the recalibrated arms under a named rule (``anomalib_ext.models.components.thresholds.RECALIBRATION_RULES``);
 # the plain ``recalibration`` arms use the default rule, ``anchored``
 RULE_ARMS = ("recalibration:upper", "per_image+recalibration:upper")
@@ -172,7 +176,8 @@ def recalibration_normals(datamodule, change: str, seed: int, folder: Path) -> l
 def measure(model, datamodule, seed: int, cell_dir: Path) -> dict[str, Any]:  # noqa: ANN001
     """Image AUROC and F1 of the fitted ``model`` under every change, as fitted and after recalibration.
 
-    One test pass per change: recalibration moves the thresholds only, so its F1 comes from the same raw scores.
+    One test pass per change: recalibration moves the thresholds only, so its F1 comes from the same raw scores (a
+    second pass for a model whose bank the normals extend).
     Returns ``{"light_changes": {change: {"plain": {...}, "recalibrated": {...}}}}`` for the cell's result.
     """
     import shutil
@@ -205,6 +210,13 @@ def measure(model, datamodule, seed: int, cell_dir: Path) -> dict[str, Any]:  # 
                     rule: scored(scores, labels, threshold)
                     for rule, threshold in image_thresholds_by_rule(model.post_processor, recalibration.normals).items()
                 }
+                if callable(getattr(model, "extend_bank", None)):  # the normals join the bank: the scores move
+                    banks = {name: value for name, value in model.state_dict().items() if name.endswith("memory_bank")}
+                    recalibrate(model, normals, extend_bank=True)
+                    bank_scores, _ = raw_test_scores(model, datamodule)
+                    results[change]["bank"] = scored(bank_scores, labels, labelling_threshold(model.post_processor))
+                    model.load_state_dict(banks, strict=False)  # the fitted banks back (they resize on loading)
+                    model.post_processor.load_state_dict(fitted)
             print(  # noqa: T201 (the cell's log)
                 f"light_changes {change}: AUROC {results[change]['plain']['image_auroc']:.3f}, F1 "
                 f"{results[change]['plain']['image_f1']:.3f} -> recalibrated "
@@ -223,6 +235,8 @@ def _arm_values(rows: list[dict[str, Any]], arm: str, change: str, key: str) -> 
     """``key`` under ``change`` for report arm ``arm``: a model arm, recalibrated when it has ``recalibration``
     (by the default rule, or by the rule after a colon)."""
     arm, _, rule = arm.partition(":")
+    bank = arm.endswith("+bank")
+    arm = arm.removesuffix("+bank")
     model_arm = "none" if arm == "recalibration" else arm.removesuffix("+recalibration")
     values = []
     for row in rows:
@@ -232,7 +246,7 @@ def _arm_values(rows: list[dict[str, Any]], arm: str, change: str, key: str) -> 
         if rule:
             figures = figures.get("recalibrated_by_rule", {}).get(rule, {})
         else:
-            figures = figures.get("recalibrated" if arm.endswith("recalibration") else "plain", {})
+            figures = figures.get("bank" if bank else "recalibrated" if arm.endswith("recalibration") else "plain", {})
         value = figures.get(key)
         if value is not None and not math.isnan(value):
             values.append(value)
@@ -290,7 +304,8 @@ def report(rows: list[dict[str, Any]]) -> list[str]:
         "*per_image* / *flat_field* that `input_normalization`; *recalibration*: the *none* model's thresholds "
         "recomputed on "
         f"{RECALIBRATION_NORMALS} validation normals under the same change (`anomalib_ext.commands.recalibrate`, "
-        "its default rule `anchored`; *:upper* with `--rule upper`); "
+        "its default rule `anchored`; *:upper* with `--rule upper`; *+bank*: the normals also added to the model's "
+        "memory bank, `--extend-bank`, and the test set scored again); "
         f"worst ΔF1: the largest F1 drop from the same arm's unchanged-light F1, 'holds' within {MAX_F1_DROP}.",
         "",
     ]
@@ -306,7 +321,8 @@ def report(rows: list[dict[str, Any]]) -> list[str]:
             + ".",
             "",
         ]
-    lines += _pivot(groups, "image_f1", "Image F1 (validation threshold):", REPORT_ARMS + RULE_ARMS)
-    # recalibration moves thresholds only: its AUROC is its model arm's
-    lines += _pivot(groups, "image_auroc", "Image AUROC (raw scores; the same with recalibration):", MODEL_ARMS)
+    lines += _pivot(groups, "image_f1", "Image F1 (validation threshold):", REPORT_ARMS + BANK_ARMS + RULE_ARMS)
+    # recalibration moves thresholds only: its AUROC is its model arm's; a bank that took the normals scores anew
+    title = "Image AUROC (raw scores; the same with recalibration; *+bank*: after the bank took the normals):"
+    lines += _pivot(groups, "image_auroc", title, MODEL_ARMS + BANK_ARMS)
     return lines
