@@ -26,9 +26,8 @@ put through the same change and written as PNG (a validation split with fewer no
 fewer than recalibration's minimum leaves the recalibrated figures out); the model's post-processor is restored
 afterwards. A model with a memory bank (TileOutlier, Fused's tile half) is also recalibrated with ``extend_bank``
 (the normals join its bank, ``anomalib-ext recalibrate --extend-bank``) and tested once more, the bank restored
-afterwards. Reported
-arms: ``none``, ``per_image``, ``flat_field``, ``recalibration`` (the ``none`` model recalibrated),
-``per_image+recalibration``, ``flat_field+recalibration``, and each ``...+recalibration+bank``.
+afterwards. Reported arms: ``none``, ``per_image``, ``flat_field``, ``recalibration`` (the ``none`` model
+recalibrated), ``per_image+recalibration``, ``flat_field+recalibration``, and each ``...+recalibration+bank``.
 
 Report: per dataset, model, arm and change, image AUROC (raw scores) and image F1 (mean over seeds) and the F1
 drop from the same arm's unchanged-light F1; then, per model, the worst drop of each arm over the changes.
