@@ -266,7 +266,12 @@ class PrincipalComponents(DynamicBufferMixin):
             _, singular_values, v_h = torch.linalg.svd(centred_all, full_matrices=False)
             variances = singular_values.pow(2) / max(num_points - 1, 1)  # eigenvalues of the covariance
             keep = self._num_kept(variances, projected_dim, num_points)
-            components = v_h[:keep].T.to(features.dtype)
+            # a singular vector's sign is arbitrary, and the same data in another row order (DDP's gathered
+            # features) can flip it: each component points to where its largest loading is positive (scikit-learn's
+            # svd_flip), so equal data gives equal buffers; every density here is symmetric in each component
+            largest = v_h[:keep].abs().argmax(dim=1, keepdim=True)
+            signs = torch.sign(v_h[:keep].gather(1, largest))
+            components = (v_h[:keep] * signs).T.to(features.dtype)
             residual_dim = projected_dim - keep
             if residual_dim > 0:
                 # PPCA's maximum-likelihood sigma^2: the discarded variance spread over every discarded direction
