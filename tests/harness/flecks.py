@@ -85,3 +85,16 @@ def assert_only_tiling_finds_every_fleck(
     assert tiled_scores[flecked].min() > tiled_scores[~flecked].max(), (
         f"{family} tiled at {SIZE} px: flecks {tiled_scores[flecked]} vs normals {tiled_scores[~flecked]}"
     )
+
+
+def assert_shrunk_misses_and_tiled_finds(
+    family: str, build, epochs: int, root: Path, workdir: Path, shrunk: int
+) -> None:  # noqa: ANN001
+    """Fit ``build`` (a model for an ``image_size`` and optional ``image_tiling``) shrunk to ``shrunk`` px and tiled at
+    full size, ``epochs`` each, and check that only the tiled one ranks every flecked part above every normal one."""
+    images, flecked = test_images(root)
+    shrunk_model, _ = fit(build(image_size=shrunk), root, workdir / "shrunk", epochs)
+    tiled_model, _ = fit(build(image_size=SIZE, image_tiling=TILES), root, workdir / "tiled", epochs)
+    assert_only_tiling_finds_every_fleck(
+        family, raw_scores(shrunk_model, images), raw_scores(tiled_model, images), flecked, shrunk_size=shrunk
+    )
