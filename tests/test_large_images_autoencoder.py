@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from anomalib_ext.models import Reconstruction
-from tests.harness.flecks import assert_shrunk_misses_and_tiled_finds
-from tests.test_large_images_trained import SHRUNK, SMALL_DEFECT_TOPK
+from tests.harness.flecks import GRADIENT_SHRUNK, SMALL_DEFECT_TOPK, assert_shrunk_misses_and_tiled_finds
 
 
 def test_a_fleck_the_shrunk_image_loses_is_found_at_full_resolution_by_the_autoencoder(
@@ -23,5 +22,5 @@ def test_a_fleck_the_shrunk_image_loses_is_found_at_full_resolution_by_the_autoe
         50,
         flecked_parts,
         tmp_path_factory.mktemp("reconstruction"),
-        SHRUNK,
+        GRADIENT_SHRUNK,
     )

@@ -17,10 +17,7 @@ from pathlib import Path
 import pytest
 
 from anomalib_ext.models import TeacherStudent
-from tests.harness.flecks import SIZE, assert_shrunk_misses_and_tiled_finds
-
-SMALL_DEFECT_TOPK = 0.001
-SHRUNK = SIZE // 4  # 512 -> 128 px, what configs/{teacher_student/mvtec,reconstruction/ae}.yaml do to a 512 px image
+from tests.harness.flecks import GRADIENT_SHRUNK, SMALL_DEFECT_TOPK, assert_shrunk_misses_and_tiled_finds
 
 
 def test_a_fleck_the_shrunk_image_loses_is_found_at_full_resolution(
@@ -33,5 +30,5 @@ def test_a_fleck_the_shrunk_image_loses_is_found_at_full_resolution(
         25,
         flecked_parts,
         tmp_path_factory.mktemp("teacher_student"),
-        SHRUNK,
+        GRADIENT_SHRUNK,
     )

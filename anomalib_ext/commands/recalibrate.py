@@ -267,7 +267,7 @@ def recalibrate(
     found = score_normals(model, images, batch_size=batch_size, device=device, workers=workers, keep_images=extend_bank)
     if len(found.scores) < MIN_RECALIBRATION_NORMALS:
         raise ScoreError(too_few_message(found, source))
-    if extend_bank and callable(add_to_bank):
+    if extend_bank:
         held_out = add_to_bank(torch.cat(found.images).clone().to(device))  # clone: out of inference mode
         found.use_outputs(held_out.pred_score, held_out.anomaly_map if found.map_maxima else None)
         found.images = []
@@ -300,6 +300,11 @@ def image_thresholds_by_rule(post_processor: torch.nn.Module, normals: NormalSco
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint
+def memory_banks(model: AnomalibModule) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` entries that ``extend_bank`` grows (the models' ``memory_bank`` buffers), by name."""
+    return {name: value for name, value in model.state_dict().items() if name.endswith("memory_bank")}
+
+
 def recalibrated_checkpoint(
     ckpt_path: Path, model: AnomalibModule, recalibration: Recalibration, source: str
 ) -> dict[str, Any]:
@@ -315,9 +320,7 @@ def recalibrated_checkpoint(
     for name, value in buffers.items():
         state[POST_PROCESSOR_PREFIX + name] = value
     if recalibration.bank_images:  # the extended bank (a buffer of any size: it loads as such)
-        for name, value in model.state_dict().items():
-            if name.endswith("memory_bank"):
-                state[name] = value.detach().cpu().clone()
+        state.update({name: value.detach().cpu().clone() for name, value in memory_banks(model).items()})
     for key, callback_state in (checkpoint.get("callbacks") or {}).items():
         if isinstance(callback_state, Mapping) and "_image_threshold" in callback_state:
             checkpoint["callbacks"][key] = type(callback_state)(

@@ -16,6 +16,10 @@ import torch
 
 SIZE = 256  # the "camera" resolution of the synthetic parts
 SHRUNK = SIZE // 2
+# the gradient families (tests/test_large_images_trained.py, test_large_images_autoencoder.py): shrunk as their 128 px
+# configs shrink a 512 px image, and scored by the top 0.001 of the map (65 pixels at 256 px, a small defect's size)
+GRADIENT_SHRUNK = SIZE // 4
+SMALL_DEFECT_TOPK = 0.001
 TILES = {"tile_size": SIZE // 2, "stride": SIZE // 2}
 
 

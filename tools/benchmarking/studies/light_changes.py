@@ -181,7 +181,7 @@ def measure(model, datamodule, seed: int, cell_dir: Path) -> dict[str, Any]:  # 
     """
     import shutil
 
-    from anomalib_ext.commands.recalibrate import image_thresholds_by_rule, recalibrate
+    from anomalib_ext.commands.recalibrate import image_thresholds_by_rule, memory_banks, recalibrate
     from anomalib_ext.models.components.thresholds import MIN_RECALIBRATION_NORMALS, labelling_threshold
 
     test_data = datamodule.test_data
@@ -210,7 +210,7 @@ def measure(model, datamodule, seed: int, cell_dir: Path) -> dict[str, Any]:  # 
                     for rule, threshold in image_thresholds_by_rule(model.post_processor, recalibration.normals).items()
                 }
                 if callable(getattr(model, "extend_bank", None)):  # the normals join the bank: the scores move
-                    banks = {name: value for name, value in model.state_dict().items() if name.endswith("memory_bank")}
+                    banks = memory_banks(model)
                     recalibrate(model, normals, extend_bank=True)
                     bank_scores, _ = raw_test_scores(model, datamodule)
                     results[change]["bank"] = scored(bank_scores, labels, labelling_threshold(model.post_processor))
