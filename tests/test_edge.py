@@ -252,3 +252,21 @@ def test_tile_outlier_int8_export_runs_the_bank_search_in_int8_and_keeps_the_ran
     # NNCF's calibrated range for the embeddings instead of [-1, 1] they rose by 0.09-0.11 (measured <= 0.012 now)
     assert np.abs(int8_scores - torch_scores)[normal].max() < 0.05, summary  # noqa: PLR2004
     assert not np.allclose(int8_scores, f32_scores, atol=1e-6, rtol=0), "the INT8 graph scores exactly like f32"
+
+
+# ------------------------------------------------------------------------------------ the exported input shape
+def test_export_takes_a_static_batch_of_one_unless_anomalibs_axes_are_asked_for(tmp_path: Path) -> None:
+    """With ``input_size`` the IR takes ``[1, 3, H, W]`` (tracing anomalib's symbolic batch took three times as long,
+    and every consumer runs one image at a time); ``dynamic_axes`` in ``onnx_kwargs`` gives anomalib's batch axis."""
+    import openvino as ov
+
+    from anomalib_ext.models import Reconstruction
+
+    model = Reconstruction(image_size=64).eval()
+    static = model.to_openvino(tmp_path / "static", input_size=(64, 64))
+    assert ov.Core().read_model(str(static)).input(0).get_partial_shape().to_shape() == [1, 3, 64, 64]
+    dynamic = model.to_openvino(
+        tmp_path / "dynamic", input_size=(64, 64), onnx_kwargs={"dynamic_axes": {"input": {0: "batch"}}}
+    )
+    shape = ov.Core().read_model(str(dynamic)).input(0).get_partial_shape()
+    assert shape[0].is_dynamic and [dimension.get_length() for dimension in list(shape)[1:]] == [3, 64, 64]

@@ -240,7 +240,7 @@ def test_lighting_study_recalibrates_on_dark_pool_normals_and_takes_per_image(di
 def test_lighting_arms_are_checked_and_fused_takes_per_image() -> None:
     from benchmarking import studies
 
-    from anomalib_ext.models import Fused
+    from anomalib_ext.models import Fused, TeacherStudent
 
     datasets = [{"label": "d", "kind": "mvtec", "path": "unused", "options": {}}]
     models = [{"label": "m", "class_path": "anomalib_ext.models.Dfkdm", "init_args": {}}]
@@ -253,15 +253,21 @@ def test_lighting_arms_are_checked_and_fused_takes_per_image() -> None:
         studies.expand("light_changes", [{**datasets[0], "kind": "dice"}], models, {})
     with pytest.raises(ValueError, match="unknown arm"):
         studies.expand("lighting", [{**datasets[0], "kind": "dice"}], models, {"arms": ["dark"], "out_dir": "x"})
-    student = {
-        "label": "s",
-        "class_path": "anomalib_ext.models.TeacherStudent",
+    autoencoder = {
+        "label": "a",
+        "class_path": "anomalib_ext.models.Reconstruction",
         "init_args": {},
         "light_arm": "per_image",
     }
     with pytest.raises(ValueError, match="no input_normalization"):
-        light_changes.model_for_cell(student)
+        light_changes.model_for_cell(autoencoder)  # an autoencoder from scratch has no backbone to standardise for
     assert Fused(image_size=64, input_normalization="per_image").model.normalize.per_image
+    student = {**autoencoder, "class_path": "anomalib_ext.models.TeacherStudent", "light_arm": "flat_field"}
+    assert light_changes.model_for_cell(student)["init_args"]["input_normalization"] == "flat_field"
+    flat_student = TeacherStudent(image_size=64, input_normalization="flat_field").model
+    assert flat_student.normalize.flat_field  # one normaliser: teacher and student see the same input
+    with pytest.raises(ValueError, match="input_normalization must be one of"):
+        TeacherStudent(image_size=64, input_normalization="flat")
     import benchmark
 
     with pytest.raises(SystemExit):  # --arms without a study that has arms is a usage error

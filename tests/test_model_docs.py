@@ -19,7 +19,8 @@ import yaml
 
 import anomalib_ext.models as models
 
-MAX_INIT_PARAMETERS = 16  # 15 until 0.7.0 added `image_tiling` to every local family
+MAX_INIT_PARAMETERS = 17  # 15 until 0.7.0 added `image_tiling` to every local family, 16 until 0.13.0 gave
+# TeacherStudent the `input_normalization` of the backbone families
 # anomalib's own component arguments, documented by anomalib; a README may list them or not
 ANOMALIB_COMPONENTS = {"pre_processor", "post_processor", "evaluator", "visualizer"}
 MODEL_CLASSES = [getattr(models, name) for name in models.__all__]
@@ -75,7 +76,7 @@ def as_default(text: str) -> object:
 
 
 @pytest.mark.parametrize("model_class", MODEL_CLASSES, ids=lambda cls: cls.__name__)
-def test_at_most_sixteen_init_parameters(model_class: type) -> None:
+def test_at_most_seventeen_init_parameters(model_class: type) -> None:
     names = list(init_parameters(model_class))
     assert len(names) <= MAX_INIT_PARAMETERS, f"{model_class.__name__} has {len(names)} parameters: {names}"
 

@@ -78,12 +78,30 @@ def test_teacher_classifier_loss_weighs_each_kind_of_image() -> None:
         ({"augmentation": {"histaugan_checkpoint": "/no/such/generator.pt"}}, FileNotFoundError, "/no/such/gen"),
         ({"augmentation": {"student_fraction": 1.5}}, ValueError, "augmentation.student_fraction"),
         ({"augmentation": {"colour_jitter": 0.1}}, ValueError, "colour_jitter"),
+        ({"augmentation": {"uneven_light": 1.0}}, ValueError, "augmentation.uneven_light"),
         ({"image_size": (64, 64, 3)}, ValueError, "image_size"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, error: type[Exception], names: str) -> None:
     with pytest.raises(error, match=names):
         TeacherStudent(**kwargs)
+
+
+def test_uneven_light_scales_each_normal_by_its_own_smooth_falloff() -> None:
+    """Each augmented normal is multiplied by a surface of gains in [1 - strength, 1], smooth (neighbouring pixels
+    differ by far less than the range) and different per image; 0 leaves the light as it is."""
+    from anomalib_ext.models.teacher_student.augment import NormalVariation
+
+    torch.manual_seed(0)
+    images = torch.full((4, 3, 64, 64), 0.8)
+    still = {"degrees": 0.0, "translate": 0.0, "color_jitter": 0.0}
+    varied = NormalVariation(Augmentation(**still, uneven_light=0.5))(images)
+    gains = varied / images
+    assert gains.min() >= 0.5 - 1e-6 and gains.max() <= 1.0 + 1e-6
+    assert gains.amax(dim=(1, 2, 3)).sub(gains.amin(dim=(1, 2, 3))).min() > 0.05  # every image's light varies
+    assert (gains[..., 1:] - gains[..., :-1]).abs().max() < 0.05  # a falloff, not noise
+    assert not torch.allclose(gains[0], gains[1])
+    assert torch.allclose(NormalVariation(Augmentation(**still))(images), images, atol=1e-5)  # the zoom resamples
 
 
 def test_unreadable_template_is_named(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -373,6 +374,13 @@ def resolve_cell_model(model: dict[str, Any], dataset: dict[str, Any]) -> dict[s
     return resolved
 
 
+def kill_process_group(child: subprocess.Popen) -> None:
+    """SIGKILL the cell's process group, which may have ended by itself meanwhile (a SIGTERM sent to every process
+    of the machine reaches the cell too): the parent's own interrupt must not end in ``ProcessLookupError``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+
+
 def run_one_cell(cell_dir: Path, spec: dict[str, Any], time_limit: float) -> dict[str, Any]:
     """Run the cell in a child process group; kill the whole group when it exceeds ``time_limit``."""
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -394,11 +402,11 @@ def run_one_cell(cell_dir: Path, spec: dict[str, Any], time_limit: float) -> dic
             child.wait(timeout=time_limit)
             timed_out = False
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
+            kill_process_group(child)
             child.wait()
             timed_out = True
         except BaseException:  # Ctrl-C or SIGTERM of the parent: take the cell (its own session) down too
-            os.killpg(child.pid, signal.SIGKILL)
+            kill_process_group(child)
             raise
     result_path = cell_dir / "result.json"
     if result_path.is_file() and not timed_out:

@@ -15,7 +15,11 @@ among the *direct* subclasses of ``AnomalibModule`` only. It provides:
   18, so any model with padding (SSIM, Gaussian blur) would fail to export. OpenVINO reads opset 18 natively.
   The exported nodes are named after their torch module (``model.feature_extractor/node_Conv_12``), so the IR
   and OpenVINO's per-operation profile say where each operation comes from. The export records how the
-  pre-processor resizes (``resize_metadata``) so an edge tool can resize a full-size image as torch does;
+  pre-processor resizes (``resize_metadata``) so an edge tool can resize a full-size image as torch does.
+  With ``input_size`` the graph takes a static batch of one, where anomalib's has a dynamic batch axis: tracing a
+  symbolic batch took three times as long (TileOutlier at 128 px: 19 s against 6 s on two cores), and every
+  consumer runs one image at a time (anomalib's ``OpenVINOInferencer``, ``tools/infer_openvino.py``, the
+  benchmark). ``onnx_kwargs={"dynamic_axes": ...}`` (or ``dynamic_shapes``) gives anomalib's axes back;
 - INT8 that keeps accuracy: anomalib's ``INT8_PTQ`` export (``--compression_type INT8_PTQ``) quantises only the
   modules the model lists in ``int8_modules`` (its backbone or autoencoder convolutions); density, PCA,
   distances, SSIM, blurs, normalisation and calibration stay in float (``quantization.quantize_modules``);
@@ -155,6 +159,28 @@ def write_onnx_metadata(onnx_path: Path, metadata: dict[str, str]) -> None:
     model = onnx.load(str(onnx_path))
     onnx.helper.set_model_props(model, {**{entry.key: entry.value for entry in model.metadata_props}, **metadata})
     onnx.save(model, str(onnx_path))
+
+
+def keep_only_output_tensor_names(xml_path: Path) -> None:
+    """Drop the exporter's names (``add_27``) from every tensor of the IR but the graph's inputs and outputs.
+
+    OpenVINO's CPU plugin removes no-op nodes when it compiles and gives their names to the tensor that takes their
+    place: a statically shaped graph's ``anomaly_map`` output came out named ``{add_27, anomaly_map}``, and anomalib's
+    ``OpenVINOInferencer``, which keys each output by ``any_name``, failed on ``add_27``.
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    core.set_property({"ENABLE_MMAP": False})  # the .bin is rewritten below
+    model = core.read_model(str(xml_path))
+    for operation in model.get_ordered_ops():
+        if operation.get_type_name() in {"Parameter", "Result"}:
+            continue
+        for port in operation.outputs():
+            if not any(target.get_node().get_type_name() == "Result" for target in port.get_target_inputs()):
+                port.get_tensor().set_names(set())
+    # save_model rewrites the weights as they are (an FP16-compressed IR keeps its f16 constants)
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
 
 
 class SigtermExitStatus(Callback):
@@ -338,12 +364,20 @@ class ExtModelMixin:
         **kwargs: Any,  # noqa: ANN401
     ) -> Path:
         kwargs.setdefault("opset_version", EXPORT_OPSET)
+        if input_size is not None and "dynamic_shapes" not in kwargs and "dynamic_axes" not in kwargs:
+            kwargs["dynamic_shapes"] = None  # a static batch of one (the module docstring says why)
         kwargs.setdefault("verbose", None if is_verbose() else False)  # torch.onnx's progress lines
         with quiet_loggers(EXPORTER_LOGGERS):  # ~700 INFO lines, one per deduplicated initializer or folded node
             onnx_path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
         name_nodes_by_module(onnx_path)
         write_onnx_metadata(onnx_path, resize_metadata(getattr(self, "pre_processor", None)))
         return onnx_path
+
+    def to_openvino(self, *args, **kwargs) -> Path:  # noqa: ANN002, ANN003
+        """anomalib's export; the IR's tensors named only at the graph's inputs and outputs."""
+        xml_path = Path(super().to_openvino(*args, **kwargs))  # type: ignore[misc]
+        keep_only_output_tensor_names(xml_path)
+        return xml_path
 
     def quantized_modules(self) -> tuple[str, ...]:
         """What ``INT8_PTQ`` quantises: ``int8_modules`` (a model whose modules depend on its options overrides)."""

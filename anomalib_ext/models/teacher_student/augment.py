@@ -24,6 +24,8 @@ from anomalib_ext.models.components.settings import Settings
 
 # zoom range of the affine step (not a setting: the shift and rotation already cover pose)
 SCALE_RANGE = (0.95, 1.05)
+# control points per side of the uneven-light surface: a falloff across the part and back, not a texture
+UNEVEN_LIGHT_GRID = 3
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class Augmentation(Settings):
         translate: maximum shift as a fraction of the image size.
         hflip, vflip: allow mirror images (only for parts that look the same mirrored).
         color_jitter: brightness and contrast jitter strength (saturation gets 0.7 of it, hue 0.1); 0 disables it.
+        uneven_light: strength of a random light falloff: each augmented normal is multiplied by a smooth surface
+            through a 3 x 3 grid of gains drawn in ``[1 - uneven_light, 1]``, so the student learns the teacher's
+            features under a light that falls off across the part (a moved lamp, a vignette), which a uniform jitter
+            does not show it. 0 (the default) disables it; must be below 1.
         histaugan_checkpoint: trained HistAuGAN generator (exported ``.pt`` or its Lightning ``.ckpt``); when
             given, augmented samples are restyled by it.
         histaugan_p: probability that an augmented sample is restyled by HistAuGAN.
@@ -47,6 +53,7 @@ class Augmentation(Settings):
     hflip: bool = False
     vflip: bool = False
     color_jitter: float = 0.15
+    uneven_light: float = 0.0
     histaugan_checkpoint: str | None = None
     histaugan_p: float = 0.5
     student_fraction: float = 0.5
@@ -56,6 +63,9 @@ class Augmentation(Settings):
             if getattr(self, name) < 0:
                 msg = f"augmentation.{name} must be >= 0, got {getattr(self, name)}"
                 raise ValueError(msg)
+        if not 0.0 <= self.uneven_light < 1.0:
+            msg = f"augmentation.uneven_light must be in [0, 1), got {self.uneven_light}"
+            raise ValueError(msg)
         for name in ("histaugan_p", "student_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 msg = f"augmentation.{name} must be in [0, 1], got {getattr(self, name)}"
@@ -77,6 +87,17 @@ def load_histaugan(checkpoint: str | Path, probability: float) -> nn.Module:
         msg = f"augmentation.histaugan_checkpoint is set but anomalib_ext.augment.histaugan cannot be imported: {error}"
         raise ImportError(msg) from error
     return HistAuGANAugment(str(path), p=probability)
+
+
+def uneven_light_field(images: torch.Tensor, strength: float) -> torch.Tensor:
+    """A (B, 1, H, W) gain surface per image, bilinear through a grid of gains in ``[1 - strength, 1]``.
+
+    Multiplicative, as a light that falls off is: kornia's illumination augmentations add a pattern instead.
+    """
+    gains = 1.0 - strength * torch.rand(
+        images.shape[0], 1, UNEVEN_LIGHT_GRID, UNEVEN_LIGHT_GRID, device=images.device, dtype=images.dtype
+    )
+    return torch.nn.functional.interpolate(gains, size=images.shape[-2:], mode="bilinear", align_corners=True)
 
 
 class NormalVariation(nn.Module):
@@ -101,6 +122,7 @@ class NormalVariation(nn.Module):
         if jitter > 0:
             steps.append(K.ColorJitter(jitter, jitter, jitter * 0.7, jitter * 0.1, p=0.8))
         self.pipeline = K.AugmentationSequential(*steps)
+        self.uneven_light = settings.uneven_light
         checkpoint = settings.histaugan_checkpoint
         self.histaugan = load_histaugan(checkpoint, settings.histaugan_p) if checkpoint else None
 
@@ -108,6 +130,8 @@ class NormalVariation(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> same shape, each sample varied independently."""
         varied = self.pipeline(images).clamp(0, 1)
+        if self.uneven_light > 0:
+            varied = varied * uneven_light_field(varied, self.uneven_light)
         if self.histaugan is not None:
             varied = torch.stack([self.histaugan(image) for image in varied]).clamp(0, 1)
         return varied

@@ -32,7 +32,14 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from anomalib_ext.models.components import DEFAULT_BACKBONE, DEFAULT_LAYERS, ExtModelMixin, ImageSize, ImageTiling
+from anomalib_ext.models.components import (
+    DEFAULT_BACKBONE,
+    DEFAULT_LAYERS,
+    ExtModelMixin,
+    ImageSize,
+    ImageTiling,
+    InputNormalization,
+)
 from anomalib_ext.models.components.settings import Settings
 from anomalib_ext.models.components.training_budget import DEFAULT_MIN_STEPS, ensure_min_steps
 
@@ -91,9 +98,12 @@ class TeacherStudent(ExtModelMixin, AnomalibModule):
 
     Args:
         backbone: teacher architecture (offline pretrained weights); the student has the same architecture,
-            randomly initialised. Both see the images standardised with the mean/std of the teacher's pretrained
-            weights (timm's ``pretrained_cfg``).
+            randomly initialised.
         layers: compared feature layers.
+        input_normalization: how teacher and student both see the [0, 1] images: ``backbone`` (the mean/std of the
+            teacher's pretrained weights, timm's ``pretrained_cfg``), ``imagenet``, ``per_image`` (each image's own
+            per-channel mean/std) or ``flat_field`` (first divided by its own smooth illumination: a light that
+            falls off across the part, docs/lighting.md).
         anomaly_map_mode: combine per-layer maps by ``"mul"`` (what every layer disagrees on) or ``"sum"``.
         map_sigma: Gaussian smoothing of the map (pixels at model input size); 0 disables it.
         topk_fraction: image score = mean of the top fraction of map pixels, in [0, 1); 0 = maximum.
@@ -128,6 +138,7 @@ class TeacherStudent(ExtModelMixin, AnomalibModule):
         self,
         backbone: str = DEFAULT_BACKBONE,
         layers: Sequence[str] = DEFAULT_LAYERS,
+        input_normalization: InputNormalization = "backbone",
         anomaly_map_mode: str = "mul",
         map_sigma: float = 4.0,
         topk_fraction: float = 0.01,
@@ -154,6 +165,7 @@ class TeacherStudent(ExtModelMixin, AnomalibModule):
         self.model = TeacherStudentModel(
             backbone=backbone,
             layers=layers,
+            input_normalization=input_normalization,
             anomaly_map_mode=anomaly_map_mode,
             map_sigma=map_sigma,
             topk_fraction=topk_fraction,

@@ -15,6 +15,7 @@ from torch import nn
 from anomalib_ext.models.components import (
     GaussianBlur,
     ImageTiling,
+    InputNormalization,
     InputNormalizer,
     build_feature_extractor,
     topk_mean,
@@ -33,6 +34,7 @@ class TeacherStudentModel(nn.Module):
         *,
         backbone: str,
         layers: Sequence[str],
+        input_normalization: InputNormalization,
         anomaly_map_mode: str,
         map_sigma: float,
         topk_fraction: float,
@@ -52,8 +54,9 @@ class TeacherStudentModel(nn.Module):
         self.image_tiling.check(image_size)
         self.anomaly_map_mode = anomaly_map_mode
         self.topk_fraction = check_topk_fraction(topk_fraction, allow_zero=True)
-        # the mean/std the teacher's pretrained weights expect (timm's pretrained_cfg); the student sees the same
-        self.normalize = InputNormalizer.for_backbone(backbone)
+        # by default the mean/std the teacher's pretrained weights expect (timm's pretrained_cfg); the student sees
+        # the same
+        self.normalize = InputNormalizer.for_backbone(backbone, input_normalization)
         # requires_grad=True so the teacher can be fine-tuned first; freeze_teacher() turns it off
         self.teacher: TimmFeatureExtractor = build_feature_extractor(backbone, layers, requires_grad=True)
         self.student: TimmFeatureExtractor = build_feature_extractor(
