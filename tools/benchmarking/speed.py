@@ -89,7 +89,10 @@ def export_openvino(
     what ``anomalib export --compression_type INT8_PTQ --data ...`` does, including a model's own recipe.
     ``input_size`` is ``--input_size``, what docs/edge.md tells an edge user to export with: a fixed height and
     width, so a pre-processing resize to that same size is traced as nothing (torchvision returns the image) instead
-    of an OpenVINO ``Interpolate`` that copies it (1.6 ms of Dfkdm's 16 ms at 256 px, f32, one thread).
+    of an OpenVINO ``Interpolate`` that copies it (1.6 ms of Dfkdm's 16 ms at 256 px, f32, one thread). With it
+    the f32 and fp16 graphs take a static batch of one, as our models' exports do by default since 0.13.0 (tracing
+    anomalib's symbolic batch axis took three times as long, and the timing compiles a dynamic batch to one image
+    anyway); anomalib's own models keep their batch axis in INT8, whose calibration feeds the loader's batches.
     """
     from anomalib.deploy import CompressionType, ExportType
 
@@ -99,13 +102,14 @@ def export_openvino(
     compression: dict[str, Any] = {}
     if precision == "int8":
         compression = {"compression_type": CompressionType.INT8_PTQ, "datamodule": datamodule}
+    static_batch = {"dynamic_shapes": None} if input_size is not None and precision != "int8" else {}
     return Path(
         engine.export(
             model=model,
             export_type=ExportType.OPENVINO,
             export_root=export_root,
             input_size=input_size,
-            onnx_kwargs={"opset_version": 18},
+            onnx_kwargs={"opset_version": 18, **static_batch},
             **compression,
         )
     )
