@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from anomalib_ext.models.components import InputNormalizer
+from tests.harness.benchmark_runs import REPO
+from tests.harness.benchmark_runs import run_benchmark as harness_run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 from benchmarking.studies import light_changes, lighting  # noqa: E402
@@ -27,8 +28,8 @@ def _environment() -> dict[str, str]:
 
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "tools" / "benchmark.py"), *args]
-    return subprocess.run(command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=900)  # noqa: S603
+    """The benchmark as tests/harness runs it, one thread per cell."""
+    return harness_run_benchmark(*args, env=_environment())
 
 
 def test_per_image_normalization_ignores_brightness_and_contrast() -> None:

@@ -90,7 +90,7 @@ def export_openvino(
     ``input_size`` is ``--input_size``, what docs/edge.md tells an edge user to export with: a fixed height and
     width, so a pre-processing resize to that same size is traced as nothing (torchvision returns the image) instead
     of an OpenVINO ``Interpolate`` that copies it (1.6 ms of Dfkdm's 16 ms at 256 px, f32, one thread). With it
-    the f32 and fp16 graphs take a static batch of one, as our models' exports do by default since 0.13.0 (tracing
+    the f32 graph takes a static batch of one, as our models' exports do by default since 0.13.0 (tracing
     anomalib's symbolic batch axis took three times as long, and the timing compiles a dynamic batch to one image
     anyway); anomalib's own models keep their batch axis in INT8, whose calibration feeds the loader's batches.
     """
