@@ -238,6 +238,34 @@ def test_lighting_study_recalibrates_on_dark_pool_normals_and_takes_per_image(di
     assert "| bright+recalibration:upper |" in (out / "results.md").read_text()
 
 
+def test_lighting_bank_arm_adds_the_dark_normals_to_the_bank_and_refuses_a_model_without_one(
+    dice_root: Path, tmp_path: Path
+) -> None:
+    """``bright+recalibration+bank``: the recalibration normals join TileOutlier's bank before the test (so the speed
+    and export stages time the larger bank); a model without a bank is refused before any training."""
+    datasets = [{"label": "dice", "kind": "dice", "path": str(dice_root), "options": {}}]
+    dfkdm = {"label": "dfkdm", "class_path": "anomalib_ext.models.Dfkdm", "init_args": {}}
+    _, arms = lighting.expand(datasets, [dfkdm], {"arms": ["bright+recalibration+bank"], "out_dir": str(tmp_path)})
+    assert arms[0]["lighting_recalibration"] and arms[0]["lighting_extend_bank"]
+    with pytest.raises(ValueError, match="has no memory bank: no bright\\+recalibration\\+bank arm"):
+        lighting.model_for_cell(arms[0])
+
+    out = tmp_path / "out"
+    completed = run_benchmark(
+        *("--dataset", f"dice={dice_root}", "--model", "tile_outlier=configs/tile_outlier/mvtec.yaml"),
+        *("--study", "lighting", "--arms", "bright+recalibration+bank", "--no-openvino", "--image-size", "64"),
+        *("--speed-images", "2", "--visuals", "0", "--out", str(out)),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (result_path,) = (out / "cells").rglob("result.json")
+    result = json.loads(result_path.read_text())
+    assert result["status"] == "ok" and result["model"] == "tile_outlier@bright+recalibration+bank"
+    assert result["recalibration_bank_images"] == lighting.RECALIBRATION_NORMALS
+    before, after = result["memory_bank_values_before"], result["memory_bank_values_after"]
+    assert after > before > 0
+    assert "| bright+recalibration+bank |" in (out / "results.md").read_text()
+
+
 def test_lighting_arms_are_checked_and_fused_takes_per_image() -> None:
     from benchmarking import studies
 

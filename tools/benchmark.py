@@ -153,8 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         metavar="ARM",
         help="--study lighting: arms to run (all bright bright+jitter bright+histaugan bright+recalibration "
-        "bright+per_image; default the first four); --study light_changes: model arms (none per_image flat_field; "
-        "default the first two)",
+        "bright+per_image bright+recalibration+bank; default the first four); --study light_changes: model arms "
+        "(none per_image flat_field; default the first two)",
     )
     parser.add_argument(
         "--threads",

@@ -12,6 +12,9 @@ held-out normals of ``Dice``'s protocol and every dark-session anomaly) and vali
   normalisation from normal images, no gradient step) on ``RECALIBRATION_NORMALS`` dark-session normals of the
   training pool (those ``Dice``'s protocol keeps out of test, which the bright arms never train on), drawn with the
   cell's seed;
+- ``@bright+recalibration+bank``: as ``@bright+recalibration``, and the same dark normals also join the model's
+  memory bank (``anomalib-ext recalibrate --extend-bank``; models with a bank: TileOutlier, Fused). The cell's speed
+  and OpenVINO stages then time the extended model: the edge cost of the larger bank;
 - ``@bright+per_image``: bright only, the model's ``input_normalization: per_image`` (each image standardised by its
   own per-channel mean and std before the backbone; models with that option).
 
@@ -44,7 +47,15 @@ from benchmarking.specs import CONFIG_ROOT
 from benchmarking.studies.arms import chosen_arms
 
 BRIGHT_SESSIONS = ("25_10_21", "26_01_22")
-ARMS = ("all", "bright", "bright+jitter", "bright+histaugan", "bright+recalibration", "bright+per_image")
+ARMS = (
+    "all",
+    "bright",
+    "bright+jitter",
+    "bright+histaugan",
+    "bright+recalibration",
+    "bright+per_image",
+    "bright+recalibration+bank",
+)
 DEFAULT_ARMS = ARMS[:4]
 RECALIBRATION_NORMALS = 10
 VIEWS = 4  # training views of each normal in the fit-only arms with an augmentation
@@ -87,7 +98,8 @@ def expand(
                     "lighting_augmentation": augmentation,
                     "lighting_validation_augmentation": augmentation,
                     "histaugan_checkpoint": str(generator) if augmentation == "histaugan" else None,
-                    "lighting_recalibration": remedy == "recalibration",
+                    "lighting_recalibration": remedy in ("recalibration", "recalibration+bank"),
+                    "lighting_extend_bank": remedy == "recalibration+bank",
                     "lighting_per_image": remedy == "per_image",
                 }
             )
@@ -165,8 +177,12 @@ def model_for_cell(model_spec: dict[str, Any]) -> dict[str, Any]:
     if "lighting_augmentation" not in model_spec:
         return model_spec
     augmentation = model_spec["lighting_augmentation"]
-    parameters = inspect.signature(import_class(model_spec["class_path"]).__init__).parameters
+    model_class = import_class(model_spec["class_path"])
+    parameters = inspect.signature(model_class.__init__).parameters
     spec = {**model_spec, "init_args": dict(model_spec.get("init_args") or {})}
+    if model_spec.get("lighting_extend_bank") and not callable(getattr(model_class, "extend_bank", None)):
+        msg = f"{model_spec['class_path']} has no memory bank: no bright+recalibration+bank arm for it"
+        raise ValueError(msg)
     if model_spec.get("lighting_per_image"):
         if "input_normalization" not in parameters:
             msg = f"{model_spec['class_path']} has no input_normalization option: no bright+per_image arm for it"
@@ -268,18 +284,27 @@ def dark_training_normals(datamodule, seed: int) -> list[str]:  # noqa: ANN001 (
 
 def before_test(model, datamodule, model_spec: dict[str, Any], seed: int) -> dict[str, Any]:  # noqa: ANN001
     """``bright+recalibration``: recalibrate the fitted model on dark training-pool normals before the test (by the
-    default rule; the threshold every rule gives from the same normals goes to ``measures.evaluate``)."""
+    default rule; the threshold every rule gives from the same normals goes to ``measures.evaluate``).
+    ``bright+recalibration+bank``: the normals join the model's memory bank too."""
     if not model_spec.get("lighting_recalibration"):
         return {}
     import copy
 
-    from anomalib_ext.commands.recalibrate import image_thresholds_by_rule, recalibrate
+    from anomalib_ext.commands.recalibrate import image_thresholds_by_rule, memory_banks, recalibrate
 
+    def bank_values() -> int:  # the size of the banks the OpenVINO export carries
+        return sum(bank.numel() for bank in memory_banks(model).values())
+
+    extend_bank = bool(model_spec.get("lighting_extend_bank"))
     normals = dark_training_normals(datamodule, seed)
     fitted = copy.deepcopy(model.post_processor)  # for the other rules' thresholds
-    recalibration = recalibrate(model, normals)
+    bank_before = bank_values()
+    recalibration = recalibrate(model, normals, extend_bank=extend_bank)
     return {
         "recalibration_normals": len(normals),
+        "recalibration_bank_images": recalibration.bank_images,
+        "memory_bank_values_before": bank_before,
+        "memory_bank_values_after": bank_values(),
         "recalibration_rule": recalibration.rule,
         "recalibration_threshold_before": recalibration.before["_image_threshold"],
         "recalibration_threshold_after": recalibration.after["_image_threshold"],
